@@ -1,0 +1,17 @@
+"""ckptconv: streaming, verifiable checkpoint conversion for LLMs.
+
+Public API (imported lazily so that `ckptconv.plan` / `ckptconv.ops` stay light):
+hf_to_megatron, megatron_to_hf, inspect_checkpoint.
+"""
+__version__ = "0.1.0"
+
+_API = {"hf_to_megatron": "engine.convert", "megatron_to_hf": "engine.convert",
+        "inspect_checkpoint": "inspect"}
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'ckptconv' has no attribute {name!r}")

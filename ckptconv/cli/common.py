@@ -1,0 +1,83 @@
+"""Shared CLI plumbing: error -> one-line message + exit code 2, --debug, --json output."""
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+
+import click
+
+from ..errors import CkptError
+from ..types import DTYPE_NAMES, parse_dtype
+
+EXIT_INPUT_ERROR = 2
+
+debug_option = click.option("--debug", is_flag=True, help="Show full tracebacks.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary.")
+dtype_option = click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto",
+                            show_default=True, help="Output dtype; auto keeps each tensor's source dtype.")
+
+
+def _sigterm(*_):
+    raise KeyboardInterrupt
+
+
+def handle_errors(fn):
+    """Run a command; typed input errors become `error: ...` on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            return fn(*args, **kwargs)
+        except CkptError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e.one_line()}", err=True)
+            sys.exit(EXIT_INPUT_ERROR)
+        except OSError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e.strerror or e}; file: {e.filename}. Fix: check the path, permissions "
+                       f"and free disk space", err=True)
+            sys.exit(EXIT_INPUT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was left behind", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def emit(summary: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(text)
+
+
+def dtype_arg(name: str):
+    return parse_dtype(name)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n}"
+
+
+def plan_text(s: dict) -> str:
+    lines = [
+        f"{s['direction']}: {s['family']}  TP={s['tp']} PP={s['pp']} VPP={s['vpp']}  layers/stage {s['layers_per_stage']}",
+        f"  vocab {s['vocab_size']} -> padded {s['padded_vocab_size']}",
+        f"  read  {s['tensors_read']} tensors, {human_bytes(s['bytes_read'])}",
+        f"  write {s['tensors_written']} tensors, {human_bytes(s['bytes_written'])}",
+        f"  largest tensor {human_bytes(s['largest_tensor_bytes'])}; memory forecast "
+        f"~{human_bytes(s['memory_forecast_bytes'])} of tensor data",
+    ]
+    for f in s.get("files", []):
+        lines.append(f"  rank tp={f['tp_rank']} pp={f['pp_rank']}: {f['tensors']} tensors, {human_bytes(f['bytes'])}")
+    lines += [f"  check ok: {c}" for c in s["checks"]]
+    if s.get("ignored_source_tensors"):
+        lines.append(f"  ignored (tied copies / derived buffers): {', '.join(s['ignored_source_tensors'])}")
+    return "\n".join(lines)

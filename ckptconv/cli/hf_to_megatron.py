@@ -1,0 +1,47 @@
+"""`ckptconv hf-to-megatron SRC DST`"""
+from __future__ import annotations
+
+import click
+
+from ..engine.convert import hf_to_megatron
+from ..formats.megatron_names import IMPLS
+from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
+
+
+def parse_iteration(value: str) -> int | str:
+    if value == "release":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter("must be 'release' or an integer") from None
+
+
+@click.command("hf-to-megatron")
+@click.argument("src")
+@click.argument("dst", type=click.Path())
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree.")
+@click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage.")
+@click.option("--ckpt-format", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--transformer-impl", type=click.Choice(IMPLS), default="transformer_engine", show_default=True,
+              help="Key space of the norms (TE fused names, or the local spec's).")
+@dtype_option
+@click.option("--make-vocab-size-divisible-by", "divisible_by", type=int, default=128, show_default=True)
+@click.option("--iteration", default="release", show_default=True, help="'release' or an iteration number.")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Hugging Face hub cache for repo ids.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
+@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@json_option
+@debug_option
+@handle_errors
+def command(src, dst, tp, pp, vpp, ckpt_format, transformer_impl, dtype, divisible_by, iteration, cache_dir,
+            dry_run, overwrite, allow_nonfinite, as_json):
+    """Convert a Hugging Face checkpoint (directory or cached hub id) to Megatron-Core."""
+    summary = hf_to_megatron(src, dst, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl, dtype=dtype_arg(dtype),
+                             divisible_by=divisible_by, iteration=parse_iteration(iteration),
+                             overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
+                             show_progress=not as_json, cache_dir=cache_dir)
+    text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")
+    emit(summary, as_json, text)

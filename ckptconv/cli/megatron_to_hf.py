@@ -1,0 +1,30 @@
+"""`ckptconv megatron-to-hf SRC DST`"""
+from __future__ import annotations
+
+import click
+
+from ..engine.convert import megatron_to_hf
+from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
+
+
+@click.command("megatron-to-hf")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path())
+@click.option("--iteration", default="latest", show_default=True, help="'latest', 'release' or a number.")
+@click.option("--hf-config", type=click.Path(exists=True), default=None,
+              help="HF config.json (or its directory) when the checkpoint carries none.")
+@dtype_option
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
+@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@json_option
+@debug_option
+@handle_errors
+def command(src, dst, iteration, hf_config, dtype, max_shard_size, dry_run, overwrite, allow_nonfinite, as_json):
+    """Convert a Megatron-Core per-rank checkpoint (any TP/PP/VPP) to Hugging Face safetensors."""
+    summary = megatron_to_hf(src, dst, iteration=iteration, hf_config=hf_config, dtype=dtype_arg(dtype),
+                             max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
+                             allow_nonfinite=allow_nonfinite, show_progress=not as_json)
+    text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")
+    emit(summary, as_json, text)

@@ -1,0 +1,71 @@
+"""`inspect`: what a checkpoint is, from headers and pickles only (no tensor bytes read)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .errors import CkptError
+from .families import family_for_hf
+from .formats.detect import detect_format
+from .formats.hf import HFReader
+from .formats.megatron_args import config_from_args
+from .formats.megatron_torch import MegatronTorchReader
+from .types import TensorMeta, dtype_name
+
+
+def _tensor_summary(metas: dict[str, TensorMeta]) -> dict:
+    return {
+        "num_tensors": len(metas),
+        "num_parameters": sum(m.numel for m in metas.values()),
+        "bytes": sum(m.nbytes for m in metas.values()),
+        "dtypes": dict(Counter(dtype_name(m.dtype) for m in metas.values())),
+        "tensors": {n: {"shape": list(m.shape), "dtype": dtype_name(m.dtype)} for n, m in sorted(metas.items())},
+    }
+
+
+def inspect_checkpoint(path: str | Path, iteration: str = "latest") -> dict:
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "hf":
+        with HFReader(path) as r:
+            cfg = r.config()
+            try:
+                family = family_for_hf(cfg).name
+            except CkptError:
+                family = None
+            return {"path": str(path), "format": "hf", "family": family,
+                    "architectures": cfg.get("architectures"), "assets": [f.name for f in r.asset_files()],
+                    **_tensor_summary(r.tensors())}
+    with MegatronTorchReader(path, iteration) as r:
+        try:
+            family = config_from_args(r.args, r.meta.get("hf_config")).family
+        except CkptError:
+            family = None
+        lay = r.layout
+        first = r._files[(0, 0)].obj
+        return {
+            "path": str(path), "format": "megatron_torch", "iteration_dir": str(r.iter_dir),
+            "iteration": r.iteration, "checkpoint_version": first.get("checkpoint_version"),
+            "family": family, "transformer_impl": r.impl,
+            "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "layers_per_stage": lay.stage_layer_counts(),
+            "padded_vocab_size": getattr(r.args, "padded_vocab_size", None),
+            "vocab_size": getattr(r.args, "vocab_size", None),
+            "carries_hf_config": bool(r.meta.get("hf_config")),
+            "other_state": sorted(k for k in first if k not in ("args", "ckptconv") and not k.startswith("model")),
+            "extra_state_entries": len(r.extra_state),
+            **_tensor_summary(r.tensors()),
+        }
+
+
+def inspect_text(info: dict, show_tensors: bool = False) -> str:
+    lines = [f"{info['path']}: {info['format']}  family={info['family']}"]
+    if info["format"] == "megatron_torch":
+        lines.append(f"  iteration {info['iteration']}  TP={info['tp']} PP={info['pp']} VPP={info['vpp']} "
+                     f"layers/stage {info['layers_per_stage']}  impl={info['transformer_impl']}")
+        lines.append(f"  vocab {info['vocab_size']} padded {info['padded_vocab_size']}; "
+                     f"other state: {', '.join(info['other_state']) or 'none'}")
+    lines.append(f"  {info['num_tensors']} tensors, {info['num_parameters']:,} parameters, "
+                 f"{info['bytes']:,} bytes, dtypes {info['dtypes']}")
+    if show_tensors:
+        lines += [f"  {n}  {t['shape']}  {t['dtype']}" for n, t in info["tensors"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Tiny Hugging Face models built from configs with fixed seeds (no hub downloads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=8, vocab_size=250, max_position_embeddings=256,
+            rms_norm_eps=1e-5)
+
+VARIANTS = {
+    # name: (config class name, overrides)
+    "llama-gqa": ("LlamaConfig", {}),
+    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "llama-mha": ("LlamaConfig", {"num_key_value_heads": 8}),
+    "llama-mqa": ("LlamaConfig", {"num_key_value_heads": 1}),
+    "llama3-rope": ("LlamaConfig", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"vocab_size": 250}),
+    "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+}
+
+
+def build_model(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    import transformers
+
+    cls_name, over = VARIANTS[variant]
+    cfg = getattr(transformers, cls_name)(**{**BASE, **over})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():   # make norms and biases non-trivial so mix-ups show in logits
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+def save_model(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+def tokens(vocab: int = 250, batch: int = 2, seq: int = 12, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(path_or_model, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = path_or_model
+    if isinstance(path_or_model, (str, Path)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32)
+    return model.float().eval()(ids).logits
