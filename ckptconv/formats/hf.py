@@ -1,0 +1,444 @@
+"""Hugging Face checkpoint directories: a header-first reader and a streaming writer.
+
+Reader: ``config.json`` plus ``model.safetensors`` | ``model.safetensors.index.json`` +
+shards | legacy ``pytorch_model.bin`` (+ index). Safetensors headers are parsed and
+validated up front; tensor bytes are read one tensor (or a row range) at a time with
+positioned reads, so memory is bounded by the largest tensor. ``.bin`` files are only
+ever opened through :mod:`ckptconv.formats.safe_pickle` (never ``torch.load``).
+
+Writer: told every output tensor up front, it plans the shards, writes each shard's
+safetensors header and pre-sizes the file; ``write`` then puts one tensor's bytes at its
+offset, in any order. Nothing ever holds more than the tensor being written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptconv.errors import CorruptCheckpoint, LayoutError, MissingTensors, UnknownFormat
+from ckptconv.plan.output_shards import plan_shards, shard_file_names
+from ckptconv.types import TensorMeta
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    k: v for k, v in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None), "C64": torch.complex64,
+    }.items() if v is not None}
+_DTYPE_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+ASSET_NAMES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "spiece.model", "sentencepiece.bpe.model",
+)
+_REFIX = "re-download or re-export the checkpoint; the file is damaged or not safetensors"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    meta: TensorMeta
+    offset: int = 0          # absolute byte offset of the data (safetensors)
+    lazy: Any = None         # safe_pickle LazyTensor (.bin)
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[TensorMeta, int]]:
+    """Parse and validate one safetensors header without touching tensor bytes.
+
+    Returns ``name -> (meta, absolute data offset)`` in on-disk order. Raises
+    :class:`CorruptCheckpoint` naming the file (and tensor) on any inconsistency."""
+    path = Path(path)
+    size = path.stat().st_size
+
+    def bad(what: str, tensor: str | None = None) -> CorruptCheckpoint:
+        return CorruptCheckpoint(what, path=path, tensor=tensor, fix=_REFIX)
+
+    if size < 8:
+        raise bad(f"file is {size} bytes, shorter than the 8-byte safetensors length prefix")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    rows = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad("malformed header entry (needs dtype, shape, data_offsets [begin, end])",
+                      name) from None
+        if dt not in _ST_DTYPES:
+            raise bad(f"unsupported safetensors dtype {dt!r}", name)
+        if any(s < 0 for s in shape):
+            raise bad(f"negative dimension in shape {list(shape)}", name)
+        meta = TensorMeta(name, shape, _ST_DTYPES[dt])
+        if not 0 <= begin <= end <= data_len:
+            raise bad(f"data_offsets [{begin}, {end}] out of range (data section is "
+                      f"{data_len} bytes; file truncated?)", name)
+        if end - begin != meta.nbytes:
+            raise bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
+                      f"{list(shape)} x {dt} needs {meta.nbytes}", name)
+        rows.append((begin, end, meta))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    pos = 0
+    for begin, end, meta in rows:
+        if begin != pos:
+            raise bad(f"data_offsets start at {begin}, expected {pos} (gap or overlap)", meta.name)
+        pos = end
+    if pos != data_len:
+        raise bad(f"{data_len - pos} bytes after the last tensor are not covered by the header")
+    return {meta.name: (meta, 8 + n + begin) for begin, _, meta in rows}
+
+
+class HFReader:
+    """Read a Hugging Face model directory, header first. Context manager.
+
+    ``config_path`` optionally points at a config.json elsewhere (for weight-only dirs)."""
+
+    def __init__(self, path: Path, config_path: Path | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UnknownFormat("not a Hugging Face model directory", path=self.path,
+                                fix="pass a directory holding config.json and *.safetensors")
+        self._config_path = Path(config_path) if config_path else self.path / "config.json"
+        if not self._config_path.is_file():
+            raise UnknownFormat("no config.json in the Hugging Face model directory",
+                                path=self._config_path,
+                                fix="copy config.json from the original model or pass "
+                                    "--hf-config PATH")
+        self._entries: dict[str, _Entry] = {}
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+        self._stack = ExitStack()
+        try:
+            self._discover()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- discovery -------------------------------------------------------------------
+    def _discover(self) -> None:
+        d = self.path
+        for single, index, pattern in (
+                ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")):
+            if (d / single).is_file():
+                return self._add_file(d / single)
+            if (d / index).is_file():
+                return self._add_index(d / index)
+            shards = sorted(d.glob(pattern))
+            if shards:
+                for shard in shards:
+                    self._add_file(shard)
+                return None
+        raise UnknownFormat("no weights found (model.safetensors, model.safetensors.index.json "
+                            "or pytorch_model.bin)", path=d,
+                            fix="download the weight files into this directory")
+
+    def _add_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+            assert all(isinstance(v, str) for v in weight_map.values())
+        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+            raise CorruptCheckpoint("index is not JSON with a 'weight_map' of name -> file",
+                                    path=index, fix=_REFIX) from None
+        for fname in dict.fromkeys(weight_map.values()):
+            shard = self.path / fname
+            if Path(fname).is_absolute() or ".." in Path(fname).parts or not shard.is_file():
+                first = next(k for k, v in weight_map.items() if v == fname)
+                raise MissingTensors(f"index names shard {fname} which does not exist",
+                                     path=index, tensor=first,
+                                     fix=f"download {fname} or regenerate the index")
+            self._add_file(shard, weight_map, index)
+        for name, fname in weight_map.items():
+            if name not in self._entries:
+                raise MissingTensors(f"index maps the tensor to {fname} but that shard does "
+                                     f"not hold it", path=self.path / fname, tensor=name,
+                                     fix="re-download the shard or regenerate the index")
+
+    def _add_file(self, file: Path, weight_map: dict | None = None,
+                  index: Path | None = None) -> None:
+        if file.suffix == ".bin":
+            found = {n: _Entry(file, m, lazy=lz) for n, (m, lz) in self._bin_metas(file).items()}
+        else:
+            found = {n: _Entry(file, m, off) for n, (m, off) in read_safetensors_header(file).items()}
+        for name, entry in found.items():
+            if weight_map is not None and name not in weight_map:
+                raise MissingTensors(f"shard holds a tensor that {index.name} does not list",
+                                     path=file, tensor=name, fix="regenerate the index")
+            if weight_map is not None and weight_map[name] != file.name:
+                raise LayoutError(f"shard holds a tensor that {index.name} maps to "
+                                  f"{weight_map[name]}", path=file, tensor=name,
+                                  fix="regenerate the index")
+            if name in self._entries:
+                raise LayoutError(f"tensor is stored twice (also in {self._entries[name].file.name})",
+                                  path=file, tensor=name, fix="remove the stale shard file")
+            self._entries[name] = entry
+
+    def _bin_metas(self, file: Path) -> dict[str, tuple[TensorMeta, Any]]:
+        from ckptconv.formats import safe_pickle  # lazy: only legacy checkpoints need it
+        tree = self._stack.enter_context(safe_pickle.TorchFile(file)).obj
+        out = {}
+        if isinstance(tree, dict):
+            for name, leaf in tree.items():
+                if isinstance(leaf, safe_pickle.LazyTensor):
+                    out[str(name)] = (TensorMeta(str(name), tuple(leaf.shape), leaf.dtype), leaf)
+        if not out:
+            raise CorruptCheckpoint("pickle is not a state dict of tensors", path=file,
+                                    fix="save the model with save_pretrained (safetensors)")
+        return out
+
+    # -- public API ------------------------------------------------------------------
+    def config(self) -> dict:
+        """The parsed config.json (a fresh dict each call)."""
+        try:
+            cfg = json.loads(self._config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpoint(f"config.json is not valid JSON ({e})",
+                                    path=self._config_path,
+                                    fix="restore config.json from the original model") from None
+        if not isinstance(cfg, dict):
+            raise CorruptCheckpoint("config.json is not a JSON object", path=self._config_path,
+                                    fix="restore config.json from the original model")
+        return cfg
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        """Every tensor's name, shape and dtype, from headers only (file/disk order)."""
+        return {name: e.meta for name, e in self._entries.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor (memory: that tensor only)."""
+        e = self._entry(name)
+        if e.lazy is not None:
+            with self._lock:  # safe_pickle archives share one handle (not thread-safe)
+                return e.lazy.load()
+        return self._read_rows(e, 0, e.meta.shape[0] if e.meta.shape else None)
+
+    def read_slice(self, name: str, dim0_start: int, dim0_stop: int) -> torch.Tensor:
+        """Rows ``dim0_start:dim0_stop`` of a tensor, reading only those bytes."""
+        e = self._entry(name)
+        shape = e.meta.shape
+        if not shape or not 0 <= dim0_start <= dim0_stop <= shape[0]:
+            raise LayoutError(f"row slice [{dim0_start}:{dim0_stop}] is out of range for shape "
+                              f"{list(shape)}", path=e.file, tensor=name,
+                              fix="check the parallel split sizes against the config")
+        if e.lazy is not None:  # reads only the rows' bytes
+            with self._lock:
+                return e.lazy.load_slice(0, dim0_start, dim0_stop)
+        return self._read_rows(e, dim0_start, dim0_stop)
+
+    def asset_files(self) -> list[Path]:
+        """Tokenizer / generation files present next to the weights."""
+        return [self.path / n for n in ASSET_NAMES if (self.path / n).is_file()]
+
+    def close(self) -> None:
+        """Close every open shard handle (idempotent)."""
+        with self._lock:
+            for f in self._handles.values():
+                f.close()
+            self._handles.clear()
+        self._stack.close()
+
+    def __enter__(self) -> HFReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise MissingTensors("no such tensor in the checkpoint", path=self.path, tensor=name,
+                                 fix="check the model family / tensor names") from None
+
+    def _read_rows(self, e: _Entry, start: int, stop: int | None) -> torch.Tensor:
+        m = e.meta
+        if stop is None:  # 0-d tensor
+            nbytes, shape, offset = m.nbytes, m.shape, e.offset
+        else:
+            row = m.dtype.itemsize
+            for s in m.shape[1:]:
+                row *= s
+            nbytes, shape, offset = (stop - start) * row, (stop - start, *m.shape[1:]), \
+                e.offset + start * row
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy()).cast("B")
+            with self._lock:
+                f = self._handles.get(e.file)
+                if f is None:
+                    f = self._handles[e.file] = open(e.file, "rb")
+                f.seek(offset)
+                got = 0
+                while got < nbytes:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise CorruptCheckpoint("file ended while reading the tensor",
+                                                path=e.file, tensor=m.name, fix=_REFIX)
+                    got += k
+        return buf.view(m.dtype).reshape(shape)
+
+
+class HFWriter:
+    """Stream tensors into ``out_dir`` as safetensors shards (+ index when >1 shard).
+
+    ``out_dir`` must exist (a private temp dir; the caller renames it into place).
+    Context manager: an exception inside the ``with`` block aborts (deletes what we wrote)."""
+
+    INDEX_NAME = "model.safetensors.index.json"
+
+    def __init__(self, out_dir: Path, metas: list[TensorMeta], max_shard_size: int = 5 * 10**9):
+        self.out_dir = Path(out_dir)
+        self._metas: dict[str, TensorMeta] = {}
+        for m in metas:
+            if m.name in self._metas:
+                raise LayoutError("tensor planned twice for the output", path=self.out_dir,
+                                  tensor=m.name, fix="give every output tensor a unique name")
+            if m.dtype not in _DTYPE_TO_ST:
+                raise LayoutError(f"dtype {m.dtype} cannot be stored in safetensors",
+                                  path=self.out_dir, tensor=m.name, fix="pick another --dtype")
+            self._metas[m.name] = m
+        groups = plan_shards([(m.name, m.nbytes) for m in metas], max_shard_size) or [[]]
+        self._shards = [self.out_dir / f for f in shard_file_names(len(groups))]
+        self._where: dict[str, tuple[Path, int]] = {}
+        self._created: list[Path] = []
+        self._written: set[str] = set()
+        self._done = False
+        try:
+            for path, group in zip(self._shards, groups):
+                self._create_shard(path, group)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create_shard(self, path: Path, group: list[str]) -> None:
+        # Widest dtypes first keeps every tensor aligned to its itemsize; offsets contiguous.
+        order = sorted(group, key=lambda n: (-self._metas[n].dtype.itemsize, n))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for n in order:
+            m = self._metas[n]
+            header[n] = {"dtype": _DTYPE_TO_ST[m.dtype], "shape": list(m.shape),
+                         "data_offsets": [pos, pos + m.nbytes]}
+            pos += m.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        base = 8 + len(raw)
+        f = open(path, "wb")
+        self._created.append(path)
+        with f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(base + pos)  # pre-size (sparse where the filesystem allows)
+        for n in order:
+            self._where[n] = (path, base + header[n]["data_offsets"][0])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor's bytes at its planned offset (any order, each name once)."""
+        if self._done:
+            raise LayoutError("write after close/abort", path=self.out_dir, tensor=name,
+                              fix="write every tensor before close()")
+        m = self._metas.get(name)
+        if m is None:
+            raise MissingTensors("tensor is not in the output plan", path=self.out_dir,
+                                 tensor=name, fix="include it in the metas given to HFWriter")
+        path, offset = self._where[name]
+        if name in self._written:
+            raise LayoutError("tensor written twice", path=path, tensor=name,
+                              fix="write each tensor exactly once")
+        if tuple(tensor.shape) != m.shape or tensor.dtype != m.dtype:
+            raise LayoutError(f"got {list(tensor.shape)} {tensor.dtype}, the plan says "
+                              f"{list(m.shape)} {m.dtype}", path=path, tensor=name,
+                              fix="cast/reshape before writing or fix the conversion plan")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(memoryview(data.numpy()).cast("B"))
+        self._written.add(name)
+
+    def write_config(self, config: dict) -> None:
+        """Write ``config.json`` (indent=2, sorted keys)."""
+        self._write_json("config.json", config)
+
+    def copy_assets(self, files: list[Path]) -> None:
+        """Copy tokenizer / generation files byte for byte (symlinks are followed)."""
+        reserved = {p.name for p in self._shards} | {self.INDEX_NAME}
+        for src in map(Path, files):
+            if src.name in reserved:
+                raise LayoutError("asset would overwrite an output weight file", path=src,
+                                  fix="do not pass weight files as assets")
+            dst = self.out_dir / src.name
+            self._created.append(dst)
+            shutil.copyfile(src, dst)
+
+    def close(self) -> None:
+        """Check every tensor was written; write the index when there are several shards."""
+        if self._done:
+            return
+        missing = [n for n in self._metas if n not in self._written]
+        if missing:
+            raise MissingTensors(f"{len(missing)} of {len(self._metas)} output tensors were "
+                                 f"never written", path=self._where[missing[0]][0],
+                                 tensor=missing[0], fix="the conversion plan is incomplete; "
+                                 "write every tensor listed in the metas")
+        if len(self._shards) > 1:
+            weight_map = {n: self._where[n][0].name for n in sorted(self._metas)}
+            total = sum(m.nbytes for m in self._metas.values())
+            self._write_json(self.INDEX_NAME,
+                             {"metadata": {"total_size": total}, "weight_map": weight_map})
+        self._done = True
+
+    def abort(self) -> None:
+        """Delete every file this writer created (the directory itself is the caller's)."""
+        self._done = True
+        for p in self._created:
+            p.unlink(missing_ok=True)
+        self._created.clear()
+
+    def _write_json(self, fname: str, obj: dict) -> None:
+        path = self.out_dir / fname
+        self._created.append(path)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    def __enter__(self) -> HFWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise

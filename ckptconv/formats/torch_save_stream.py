@@ -1,0 +1,203 @@
+"""Write a ``torch.save``-compatible zip file tensor by tensor (bounded memory).
+
+Holds :class:`TensorSlot` (a planned tensor: name, shape, dtype) and
+:class:`StreamingTorchSave`. The pickle (``data.pkl``) is written first from a template whose
+tensor leaves are TensorSlots; each slot pickles exactly like a contiguous CPU tensor
+(``torch._utils._rebuild_tensor_v2`` over a ``('storage', torch.<T>Storage, key, 'cpu',
+numel)`` persistent id; dtypes without a legacy storage class use ``_rebuild_tensor_v3`` like
+torch does). Then ``write(name, tensor)`` streams each ``data/<key>`` record, in any order.
+Records go through ``torch._C.PyTorchFileWriter``, so alignment and archive naming are
+torch's own. Sequence as in ``torch.serialization._save``: data.pkl, .storage_alignment,
+byteorder, data/<key>..., then the writer's ``version`` / ``.data/serialization_id``.
+
+``.format_version`` ("1") tells torch.load that ``data/0, data/1, ...`` are laid out in key
+order, which it may use to *compute* record offsets (meta/fake loads,
+``calculate_storage_offsets``). We therefore write it at close() and only if the records were
+actually written in key order; otherwise it is omitted and torch looks every offset up.
+"""
+from __future__ import annotations
+
+import collections
+import copyreg
+import io
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LayoutError, MissingTensors
+from .safe_pickle import STORAGE_DTYPES
+
+_STORAGE_NAMES = {dt: n for n, dt in STORAGE_DTYPES.items() if n != "UntypedStorage"}
+_ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor the template promises: written later with ``StreamingTorchSave.write``."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """torch's contiguous strides (zero-size dims count as 1)."""
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(out))
+
+
+class _Storage:
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: tuple):
+        self.pid = pid
+
+
+class _SlotPickler(pickle.Pickler):
+    """Protocol-2 pickler that turns TensorSlots into torch tensor reductions."""
+
+    def __init__(self, file: io.BytesIO, owner: "StreamingTorchSave"):
+        super().__init__(file, protocol=2)
+        self.dispatch_table = copyreg.dispatch_table.copy()
+        self.dispatch_table[TensorSlot] = owner._reduce_slot
+        self._owner = owner
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _Storage):
+            return obj.pid
+        if isinstance(obj, (torch.Tensor, torch.storage.TypedStorage)) or torch.is_storage(obj):
+            raise LayoutError("the template holds a real tensor/storage; use a TensorSlot",
+                              path=self._owner.path, fix="replace tensors in the template by TensorSlot")
+        return None
+
+
+class StreamingTorchSave:
+    """``torch.save(template-with-tensors, path)`` done incrementally.
+
+    ``write(name, tensor)`` for every slot (any order), then ``close()``. Leaving a ``with``
+    block by an exception, ``abort()``, or ``close()`` with slots missing deletes the file."""
+
+    def __init__(self, path: str | Path, template: Any):
+        self.path = Path(path)
+        self._slots: dict[str, tuple[str, TensorSlot]] = {}
+        self._written: list[str] = []
+        self._writer: Any = None
+        self._stream: Any = None
+        buf = io.BytesIO()
+        _SlotPickler(buf, self).dump(template)  # before touching the disk
+        data = buf.getvalue()
+        name = str(self.path)
+        try:
+            name.encode("ascii")
+            self._writer = torch._C.PyTorchFileWriter(name, True, _ALIGNMENT)
+        except UnicodeEncodeError:  # as torch: the C++ writer only takes ascii file names
+            self._stream = open(name, "wb")  # noqa: SIM115
+            self._writer = torch._C.PyTorchFileWriter(self._stream, True, _ALIGNMENT)
+        try:
+            self._writer.write_record("data.pkl", data, len(data))
+            self._writer.write_record(".storage_alignment", str(_ALIGNMENT), len(str(_ALIGNMENT)))
+            self._writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reduce_slot(self, slot: TensorSlot) -> tuple:
+        if slot.name in self._slots:
+            raise LayoutError("two TensorSlots share a name", path=self.path, tensor=slot.name,
+                              fix="give every slot a unique name")
+        if not isinstance(slot.dtype, torch.dtype) or any(type(s) is not int or s < 0 for s in slot.shape):
+            raise LayoutError(f"bad slot shape/dtype {slot.shape}/{slot.dtype}", path=self.path,
+                              tensor=slot.name)
+        key = str(len(self._slots))
+        self._slots[slot.name] = (key, slot)
+        shape = tuple(slot.shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        args = (0, shape, contiguous_stride(shape), False, collections.OrderedDict())
+        if slot.dtype in _STORAGE_NAMES:
+            stype = getattr(torch, _STORAGE_NAMES[slot.dtype])
+            return torch._utils._rebuild_tensor_v2, (_Storage(("storage", stype, key, "cpu", numel)),
+                                                     *args)
+        pid = ("storage", torch.UntypedStorage, key, "cpu", numel * slot.dtype.itemsize)
+        return torch._utils._rebuild_tensor_v3, (_Storage(pid), *args, slot.dtype)
+
+    @property
+    def missing(self) -> list[str]:
+        """Slot names not written yet, in template order."""
+        done = set(self._written)
+        return [n for n in self._slots if n not in done]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the bytes of slot ``name`` now (shape and dtype must match the slot)."""
+        if self._writer is None:
+            raise LayoutError("write after close/abort", path=self.path, tensor=name)
+        if name not in self._slots:
+            raise LayoutError("no TensorSlot of that name in the template", path=self.path,
+                              tensor=name, fix="add the slot to the template")
+        key, slot = self._slots[name]
+        if name in self._written:
+            raise LayoutError("slot written twice", path=self.path, tensor=name)
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise LayoutError(f"tensor is {tuple(tensor.shape)} {tensor.dtype}, slot expects "
+                              f"{slot.shape} {slot.dtype}", path=self.path, tensor=name,
+                              fix="convert/reshape the tensor to the planned layout")
+        t = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
+            t = t.clone()  # a view: write only its own bytes
+        self._writer.write_record(f"data/{key}", t.untyped_storage(), nbytes)
+        self._written.append(name)
+
+    def close(self) -> None:
+        """Finalise the file; MissingTensors (and no file) if a slot was never written."""
+        if self._writer is None:
+            return
+        missing = self.missing
+        if missing:
+            self.abort()
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise MissingTensors(f"{len(missing)} of {len(self._slots)} tensor slots never written: "
+                                 f"{', '.join(missing[:5])}{more}", path=self.path,
+                                 fix="write every TensorSlot before close(); the partial file was deleted")
+        keys = [int(self._slots[n][0]) for n in self._written]
+        if keys == sorted(keys):
+            self._writer.write_record(".format_version", "1", 1)
+        self._writer.write_end_of_file()
+        self._release()
+
+    def _release(self) -> None:
+        self._writer = None  # the C++ writer finishes the file when it is destroyed
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def abort(self) -> None:
+        """Stop writing and delete the partial file."""
+        if self._writer is None and self._stream is None:
+            return
+        self._release()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "StreamingTorchSave":
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:  # never leave a valid-looking but incomplete file behind
+        if getattr(self, "_writer", None) is not None:
+            self.abort()
