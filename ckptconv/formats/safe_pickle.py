@@ -1,27 +1,26 @@
-"""Read ``torch.save`` zip checkpoints without executing pickled code.
+"""Read ``torch.save`` zip checkpoints without executing pickled code (never ``torch.load``).
 
-Holds :class:`TorchFile` (open a file, ``.obj`` is the unpickled tree), :func:`load_tree`,
-:func:`materialize`, :func:`iter_lazy`, and the leaf types :class:`LazyTensor` (shape/dtype
-known, bytes read only by ``load()``) and :class:`Placeholder` (inert stand-in for any
-third-party object). ``torch.load`` is never called.
+Holds :class:`TorchFile` (``.obj`` is the unpickled tree), :func:`load_tree`,
+:func:`materialize`, :func:`iter_lazy` and the leaves :class:`LazyTensor` (shape/dtype from
+the pickle; bytes read only by ``load()``) and :class:`Placeholder` (inert stand-in object).
 
-Global rule (``find_class``), applied to ``module.name`` after py2 name fixing:
-  1. exact allowlisted names are rebuilt by our own code: ``collections.OrderedDict`` /
-     ``defaultdict``, ``argparse.Namespace``, plain builtins (set, frozenset, slice, complex,
-     int, float, str, bool, list, dict, tuple, object, bytes, bytearray), ``_codecs.encode``
-     (latin-1/utf-8 only), ``copyreg._reconstructor``, torch dtypes, ``torch.Size``,
-     ``torch.device``, the typed storage classes, ``torch._utils._rebuild_tensor{,_v2,_v3}``,
-     ``_rebuild_parameter{,_with_state}`` and ``torch._tensor._rebuild_from_type_v2``;
-  2. anything else in a *dangerous* module (``_DENY`` below: builtins, os, subprocess, sys,
-     io, functools, operator, pickle, importlib, torch, ... and their submodules) raises
-     :class:`UnsafeCheckpoint` naming the file and the global;
-  3. every other global (numpy, megatron, deepspeed, __main__, ...) becomes a fresh
-     :class:`Placeholder` subclass; the module is never imported and no code of it runs.
+Global rule (``find_class``, applied to ``module.name`` after py2 name fixing):
+  1. exact allowlisted names are rebuilt by *our* code (``_TABLE``): ``collections.OrderedDict``,
+     ``argparse.Namespace``, harmless builtins (set, frozenset, slice, complex, int, float, str,
+     bool, list, dict, tuple, object, bytes, bytearray), ``_codecs.encode`` (text codecs only),
+     torch dtypes, ``torch.Size``, ``torch.device``, the storage classes (``torch.FloatStorage``
+     ...), ``torch._utils._rebuild_tensor{,_v2,_v3}`` / ``_rebuild_parameter{,_with_state}`` and
+     ``torch._tensor._rebuild_from_type_v2`` (tensors become LazyTensor leaves);
+  2. any other name in a dangerous module (``_DENY``: builtins, os, posix, subprocess, sys,
+     shutil, socket, io, functools, operator, pickle, importlib, runpy, codecs, types, ctypes,
+     torch, ... and their submodules) raises :class:`UnsafeCheckpoint` naming file and global;
+  3. everything else (numpy, megatron, deepspeed, __main__, ...) becomes a fresh
+     :class:`Placeholder` subclass; the module is never imported, none of its code runs.
 
-A LazyTensor reads only its own byte range of its ``data/<key>`` record (absolute offset
-from the zip local header). After :meth:`TorchFile.close`, ``LazyTensor.load()`` raises
-ValueError; trees from :func:`load_tree` keep the file open until the last LazyTensor dies.
-Not thread-safe (one file handle, seek + read).
+A LazyTensor reads only its own byte range of its ``data/<key>`` record (absolute offset from
+the zip local header). After :meth:`TorchFile.close`, ``LazyTensor.load()`` raises ValueError;
+trees from :func:`load_tree` keep the file open until their last LazyTensor is garbage.
+Not thread-safe (one file handle: seek + read).
 """
 from __future__ import annotations
 
@@ -50,20 +49,20 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 _DTYPES = {n: getattr(torch, n) for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)}
 _DENY = frozenset(
     "builtins __builtin__ os posix nt posixpath ntpath subprocess _posixsubprocess sys shutil "
-    "socket _socket importlib runpy pickle _pickle io _io functools _functools operator "
+    "socket _socket importlib _imp imp runpy pickle _pickle io _io functools _functools operator "
     "_operator torch codecs _codecs types ctypes _ctypes multiprocessing _multiprocessing "
     "webbrowser pty signal _signal platform code codeop pdb bdb copyreg marshal gc inspect ast "
     "threading _thread asyncio tempfile glob zipimport zipfile tarfile urllib http ftplib "
     "smtplib ssl select selectors mmap fcntl resource site sysconfig timeit trace cProfile "
-    "profile pydoc doctest atexit pkgutil zipapp venv ensurepip distutils setuptools pip "
-    "pwd grp termios tty readline rlcompleter builtins _imp imp".split())
+    "profile pydoc doctest atexit pkgutil zipapp venv ensurepip distutils setuptools pip pwd "
+    "grp termios tty readline rlcompleter".split())
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-_TEXT_ENCODINGS = frozenset({"latin1", "latin-1", "utf-8", "utf8", "ascii"})
-_FIX_LOAD = "load only checkpoints from trusted sources, or re-save the tensors with safetensors"
+_TEXT_CODECS = frozenset({"latin1", "latin-1", "utf-8", "utf8", "ascii"})
+_REFETCH = "re-download or re-copy the file"
 
 
 class _Safe(NamedTuple):
-    """An allowlisted callable implemented by us (immutable: pickle BUILD cannot alter it)."""
+    """An allowlisted callable implemented by us (a tuple: pickle BUILD cannot alter it)."""
     fn: Callable
     qualname: str
 
@@ -88,10 +87,10 @@ class Placeholder:
     """Inert stand-in for an object of a non-allowlisted class; ``qualname`` names the class.
 
     Records constructor ``args``/``kwargs``, BUILD ``state``, appended ``items`` and set
-    ``dict_items``. Defines no ``__getattr__``/properties, so attribute access runs no code."""
+    ``dict_items``. No ``__getattr__``/properties: attribute access runs no code."""
     qualname = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Placeholder":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         self = object.__new__(cls)
         self.args, self.kwargs, self.state, self.items, self.dict_items = args, kwargs, None, [], {}
         return self
@@ -117,14 +116,14 @@ class Placeholder:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class LazyTensor:
-    """A tensor leaf: ``shape``, ``dtype``, ``stride``, ``storage_offset`` (elements), ``name``
-    (path in the tree, when known); ``load()`` reads only the bytes this view covers."""
+    """A tensor leaf: ``shape``, ``dtype``, ``stride``, ``storage_offset`` (in elements) and
+    ``name`` (dotted path in the tree); ``load()`` reads only the bytes this view covers."""
     _ref: _StorageRef
     dtype: torch.dtype
     storage_offset: int
     shape: tuple
     stride: tuple
-    _flags: tuple = (False, False)  # (conj, neg) bits from the tensor metadata
+    _flags: tuple = (False, False)  # (conj, neg) bits of the tensor metadata
     name: str | None = None
 
     @property
@@ -135,120 +134,107 @@ class LazyTensor:
         return n
 
     def _span(self) -> int:
-        """Elements from storage_offset to the last element the view touches (inclusive)."""
+        """Elements from storage_offset to the last one the view touches (inclusive)."""
         return 0 if self.numel == 0 else 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
 
-    def narrow(self, dim: int, start: int, length: int) -> "LazyTensor":
-        if not (0 <= start and length >= 0 and start + length <= self.shape[dim]):
-            raise IndexError(f"narrow({dim}, {start}, {length}) out of range for shape {self.shape}")
-        shape = self.shape[:dim] + (length,) + self.shape[dim + 1:]
-        return LazyTensor(self._ref, self.dtype, self.storage_offset + start * self.stride[dim],
-                          shape, self.stride, self._flags, self.name)
-
     def load_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
-        """``load()[..., start:stop, ...]`` along ``dim``, reading only that slice's bytes."""
-        return self.narrow(dim, start, stop - start).load()
+        """``load()`` narrowed to ``start:stop`` along ``dim``, reading only the bytes it spans."""
+        if not 0 <= start <= stop <= self.shape[dim]:
+            raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {self.shape}")
+        shape = self.shape[:dim] + (stop - start,) + self.shape[dim + 1:]
+        return LazyTensor(self._ref, self.dtype, self.storage_offset + start * self.stride[dim],
+                          shape, self.stride, self._flags, self.name).load()
 
     def load(self) -> torch.Tensor:
         """The logical values as a fresh contiguous CPU tensor."""
         if self.numel == 0:
             return torch.empty(self.shape, dtype=self.dtype)
-        isz = self.dtype.itemsize
-        raw = self._ref.archive.read(self._ref.key, self.storage_offset * isz, self._span() * isz,
-                                     self.name)
-        if self._ref.archive.big_endian and isz > 1:
-            unit = isz // 2 if self.dtype.is_complex else isz
-            raw = raw.view(-1, unit).flip(-1).reshape(-1)
+        isz, arc = self.dtype.itemsize, self._ref.archive
+        raw = arc.read(self._ref.key, self.storage_offset * isz, self._span() * isz, self.name)
+        if arc.big_endian and isz > 1:
+            raw = raw.view(-1, isz // 2 if self.dtype.is_complex else isz).flip(-1).reshape(-1)
         flat = raw.view(self.dtype)
         t = flat.as_strided(self.shape, self.stride, 0)
         if not (t.is_contiguous() and t.numel() == flat.numel()):
             t = t.clone(memory_format=torch.contiguous_format)
-        conj, neg = self._flags
-        return -t.conj_physical() if (conj and neg) else t.conj_physical() if conj else -t if neg else t
+        t = t.conj_physical() if self._flags[0] else t
+        return -t if self._flags[1] else t
 
     def __repr__(self) -> str:
         return f"LazyTensor({self.name or '?'}, shape={self.shape}, dtype={self.dtype})"
 
 
 class _Archive:
-    """An open zip file: reads byte ranges of ``data/<key>`` records."""
+    """An open zip file; reads byte ranges of its ``data/<key>`` records."""
 
     def __init__(self, path: Path, fh: BinaryIO):
-        self.path, self.fh, self.closed = path, fh, False
+        self.path, self.fh, self.closed, self._data_at = path, fh, False, {}
         try:
             self.zf = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             fh.seek(0)
             legacy = fh.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
             fh.close()
-            what = ("legacy (pre-1.6, non-zip) torch.save format is not supported" if legacy else
-                    f"not a torch.save zip file or truncated ({_one_line(e)})")
-            raise CorruptCheckpoint(what, path=path, fix="re-save it with torch>=1.6 torch.save in "
-                                    "a trusted environment" if legacy else
-                                    "re-download or re-copy the file") from None
+            if legacy:
+                raise CorruptCheckpoint("legacy (pre-1.6, non-zip) torch.save format is not "
+                                        "supported", path=path, fix="re-save it with torch>=1.6 "
+                                        "in a trusted environment") from None
+            raise CorruptCheckpoint(f"not a torch.save zip file or truncated ({_one_line(e)})",
+                                    path=path, fix=_REFETCH) from None
         names = self.zf.namelist()
-        first = names[0].split("/", 1)[0] + "/" if names else ""
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if not pkls:
-            self.close()
-            raise CorruptCheckpoint("no <archive>/data.pkl record", path=path,
-                                    fix="the file is not a torch.save checkpoint; re-create it")
-        self.prefix = first if first + "data.pkl" in pkls else pkls[0][:-len("data.pkl")]
+        first = names[0].split("/", 1)[0] + "/" if names else ""
+        self.prefix = first if first + "data.pkl" in pkls else pkls[0][:-8] if pkls else None
         self.infos = {i.filename: i for i in self.zf.infolist()}
-        self._data_at: dict[str, int] = {}
-        order = self._small(self.prefix + "byteorder", b"little")
-        if order not in (b"little", b"big"):
+        order = self.zf.read(f"{self.prefix}byteorder").strip() \
+            if f"{self.prefix}byteorder" in self.infos else b"little"
+        if self.prefix is None or order not in (b"little", b"big"):
             self.close()
-            raise CorruptCheckpoint(f"unknown byteorder record {order[:20]!r}", path=path,
-                                    fix="re-create the checkpoint")
+            raise CorruptCheckpoint("no <archive>/data.pkl record" if self.prefix is None else
+                                    f"unknown byteorder {order[:20]!r}", path=path,
+                                    fix="the file is not a torch.save checkpoint; re-create it")
         self.big_endian = order == b"big"
         weakref.finalize(self, _close_quietly, self.zf, fh)
-
-    def _small(self, name: str, default: bytes) -> bytes:
-        return self.zf.read(name).strip() if name in self.infos else default
 
     def close(self) -> None:
         self.closed = True
         _close_quietly(self.zf, self.fh)
 
-    def _bad(self, what: str, tensor: str | None, fix: str = "re-download or re-copy the file"):
-        return CorruptCheckpoint(what, path=self.path, tensor=tensor, fix=fix)
-
     def read(self, key: str, start: int, length: int, tensor: str | None) -> torch.Tensor:
         """Bytes ``[start, start+length)`` of record ``data/<key>`` as a fresh uint8 tensor."""
         if self.closed:
             raise ValueError(f"LazyTensor {tensor or key} read after its TorchFile ({self.path}) "
-                             f"was closed; load it inside the with-block or use load_tree()")
+                             "was closed; load it inside the with-block or use load_tree()")
         rec = f"{self.prefix}data/{key}"
         info = self.infos.get(rec)
-        if info is None:
-            raise self._bad(f"storage record {rec} is missing", tensor)
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise self._bad(f"storage record {rec} is compressed", tensor,
-                            "re-save with torch.save (records must be stored uncompressed)")
-        if start + length > info.file_size:
-            raise self._bad(f"storage record {rec} has {info.file_size} bytes, tensor needs "
-                            f"bytes {start}..{start + length}", tensor)
+        problem = ("is missing" if info is None else
+                   "is compressed" if info.compress_type != zipfile.ZIP_STORED else
+                   f"has {info.file_size} bytes, the tensor needs bytes {start}..{start + length}"
+                   if start + length > info.file_size else None)
+        if problem:
+            raise CorruptCheckpoint(f"storage record {rec} {problem}", path=self.path,
+                                    tensor=tensor, fix=_REFETCH)
         if rec not in self._data_at:
             self.fh.seek(info.header_offset)
             head = self.fh.read(30)
             if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                raise self._bad(f"bad zip local header for {rec}", tensor)
-            n, m = struct.unpack("<HH", head[26:30])
-            self._data_at[rec] = info.header_offset + 30 + n + m
+                raise CorruptCheckpoint(f"bad zip local header for {rec}", path=self.path,
+                                        tensor=tensor, fix=_REFETCH)
+            self._data_at[rec] = info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30]))
         buf = torch.empty(length, dtype=torch.uint8)
         view, got = memoryview(buf.numpy()), 0
         self.fh.seek(self._data_at[rec] + start)
         while got < length:
-            k = self.fh.readinto(view[got:])
-            if not k:
-                raise self._bad(f"file truncated inside {rec} (got {got} of {length} bytes)", tensor)
-            got += k
+            n = self.fh.readinto(view[got:])
+            if not n:
+                raise CorruptCheckpoint(f"file truncated inside {rec} (got {got} of {length} "
+                                        "bytes)", path=self.path, tensor=tensor, fix=_REFETCH)
+            got += n
         return buf
 
 
-def _close_quietly(zf: Any, fh: Any) -> None:
-    for h in (zf, fh):
+def _close_quietly(*handles: Any) -> None:
+    for h in handles:
         try:
             h.close()
         except Exception:  # noqa: BLE001 - best-effort cleanup
@@ -266,44 +252,91 @@ def _ints(x: Any, what: str) -> tuple[int, ...]:
 
 
 def _encode(s: Any, enc: str = "utf-8") -> bytes:
-    if not isinstance(s, str) or enc not in _TEXT_ENCODINGS:
+    if not isinstance(s, str) or enc not in _TEXT_CODECS:
         raise ValueError(f"refused _codecs.encode({type(s).__name__}, {enc!r:.40})")
     return s.encode(enc)
 
 
-def _bytes_like(kind: type) -> Callable:
-    def make(*args: Any) -> Any:
-        if not args:
-            return kind()
-        if isinstance(args[0], str):
-            return kind(_encode(*args))
+def _bytes_like(kind: type) -> _Safe:
+    def make(*args: Any) -> Any:  # never kind(int): that would allocate attacker-sized memory
+        if not args or isinstance(args[0], str):
+            return kind(_encode(*args)) if args else kind()
         if len(args) == 1 and isinstance(args[0], (bytes, bytearray, list)):
             return kind(args[0])
         raise ValueError(f"refused {kind.__name__}() arguments")
-    return make
+    return _Safe(make, f"builtins.{kind.__name__}")
 
 
-def _defaultdict(factory: Any = None, *rest: Any) -> collections.defaultdict:
-    ok = factory is None or factory in (list, dict, set, int, float, str, tuple) or (
-        isinstance(factory, type) and issubclass(factory, Placeholder))
-    if not ok or rest:
-        raise ValueError("refused defaultdict factory")
-    return collections.defaultdict(factory)
+def _rebuild_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                hooks: Any = None, dtype: Any = None, metadata: Any = None) -> LazyTensor:
+    if not isinstance(storage, _StorageRef):
+        raise ValueError("tensor rebuilt from something that is not a storage reference")
+    dtype = storage.dtype if dtype is None else dtype
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    if not isinstance(dtype, torch.dtype) or type(offset) is not int or offset < 0 \
+            or len(shape) != len(strides):
+        raise ValueError(f"bad tensor dtype/offset/rank {dtype!r:.30} {offset!r:.30} {shape} {strides}")
+    md = metadata if isinstance(metadata, dict) else {}
+    lt = LazyTensor(storage, dtype, offset, shape, strides, (bool(md.get("conj")), bool(md.get("neg"))))
+    if lt.numel and (offset + lt._span()) * dtype.itemsize > storage.nbytes:
+        raise ValueError(f"view {shape}/{strides}+{offset} exceeds storage data/{storage.key} "
+                         f"({storage.nbytes} bytes)")
+    return lt
+
+
+def _rebuild_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                hooks: Any = None, metadata: Any = None) -> LazyTensor:
+    return _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, None, metadata)
+
+
+def _from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if not (isinstance(func, _Safe) and isinstance(args, tuple)):
+        raise ValueError("_rebuild_from_type_v2 with a non-allowlisted function")
+    return func(*args)  # the tensor subclass and its python state are dropped
+
+
+def _marker(*args: Any) -> Any:
+    raise ValueError("tensor type markers cannot be called")
+
+
+def _device(*args: Any) -> torch.device:
+    if not (1 <= len(args) <= 2 and isinstance(args[0], str) and all(type(a) is int for a in args[1:])):
+        raise ValueError(f"bad torch.device arguments {args!r:.60}")
+    return torch.device(*args)
+
+
+_TABLE: dict[tuple[str, str], Any] = {
+    **{("builtins", t.__name__): t for t in (set, frozenset, slice, complex, int, float, str, bool,
+                                             list, dict, tuple, object)},
+    ("builtins", "bytes"): _bytes_like(bytes), ("builtins", "bytearray"): _bytes_like(bytearray),
+    ("_codecs", "encode"): _Safe(_encode, "_codecs.encode"),
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): _Safe(lambda seq=(): torch.Size(_ints(seq, "Size")), "torch.Size"),
+    ("torch", "device"): _Safe(_device, "torch.device"),
+    ("torch._utils", "_rebuild_tensor"): _Safe(_rebuild_v2, "torch._utils._rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"): _Safe(_rebuild_v2, "torch._utils._rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"): _Safe(_rebuild_v3, "torch._utils._rebuild_tensor_v3"),
+    **{("torch._utils", n): _Safe(lambda data, *a: data, n)  # Parameter -> plain tensor leaf
+       for n in ("_rebuild_parameter", "_rebuild_parameter_with_state")},
+    ("torch._tensor", "_rebuild_from_type_v2"): _Safe(_from_type_v2, "_rebuild_from_type_v2"),
+    **{(m, n): _Safe(_marker, n) for m, n in (("torch", "Tensor"), ("torch._tensor", "Tensor"),
+                                              ("torch.nn.parameter", "Parameter"))},
+    **{(m, n): _StorageType(n, dt) for n, dt in STORAGE_DTYPES.items() for m in ("torch", "torch.storage")},
+}
 
 
 class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file: BinaryIO, archive: _Archive):
         super().__init__(file, encoding="utf-8")  # as torch.load does
         self._archive, self._placeholders = archive, {}
+        # a per-load class, so BUILD on it cannot touch the real argparse.Namespace
         ns = type("Namespace", (), {"__new__": lambda cls, *a, **k: argparse.Namespace(**k)})
         self._table = {("argparse", "Namespace"): ns, **_TABLE}
 
     def find_class(self, module: str, name: str) -> Any:
         orig = f"{module}.{name}"
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        qual = f"{module}.{name}"
         if module == "torch" and name in _DTYPES:
             return _DTYPES[name]
         if (module, name) in self._table:
@@ -311,7 +344,9 @@ class _SafeUnpickler(pickle.Unpickler):
         if {orig.split(".", 1)[0], module.split(".", 1)[0]} & _DENY:
             raise UnsafeCheckpoint(f"pickle references forbidden global '{orig}' (module "
                                    f"'{module.split('.')[0]}' is refused unless allowlisted)",
-                                   path=self._archive.path, fix=_FIX_LOAD)
+                                   path=self._archive.path, fix="load only checkpoints from trusted "
+                                   "sources, or re-save the tensors with safetensors")
+        qual = f"{module}.{name}"
         if qual not in self._placeholders:
             self._placeholders[qual] = type(name.rsplit(".", 1)[-1], (Placeholder,),
                                             {"qualname": qual, "__module__": __name__})
@@ -322,84 +357,10 @@ class _SafeUnpickler(pickle.Unpickler):
             raise ValueError(f"unexpected persistent id {pid!r:.80}")
         _, stype, key, _location, numel = pid
         key = key.decode("ascii") if isinstance(key, bytes) else key
-        if not isinstance(stype, _StorageType) or not isinstance(key, str) or type(numel) is not int:
+        if not isinstance(stype, _StorageType) or not isinstance(key, str) \
+                or type(numel) is not int or numel < 0:
             raise ValueError(f"bad storage reference {pid!r:.80}")
         return _StorageRef(self._archive, key, stype.dtype, numel * stype.dtype.itemsize)
-
-
-def _rebuild_v3(storage: Any, offset: int, size: Any, stride: Any, requires_grad: Any = False,
-                hooks: Any = None, dtype: Any = None, metadata: Any = None) -> LazyTensor:
-    if not isinstance(storage, _StorageRef):
-        raise ValueError("tensor rebuilt from something that is not a storage reference")
-    dtype = storage.dtype if dtype is None else dtype
-    if not isinstance(dtype, torch.dtype) or type(offset) is not int or offset < 0:
-        raise ValueError(f"bad tensor dtype/offset {dtype!r:.40}/{offset!r:.40}")
-    shape, strides = _ints(size, "size"), _ints(stride, "stride")
-    if len(shape) != len(strides):
-        raise ValueError(f"size {shape} and stride {strides} differ in rank")
-    md = metadata if isinstance(metadata, dict) else {}
-    lt = LazyTensor(storage, dtype, offset, shape, strides, (bool(md.get("conj")), bool(md.get("neg"))))
-    if lt.numel and (offset + lt._span()) * dtype.itemsize > storage.nbytes:
-        raise ValueError(f"view {shape}/{strides}+{offset} exceeds storage data/{storage.key} "
-                         f"({storage.nbytes} bytes)")
-    return lt
-
-
-def _rebuild_v2(storage: Any, offset: int, size: Any, stride: Any, requires_grad: Any = False,
-                hooks: Any = None, metadata: Any = None) -> LazyTensor:
-    return _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, None, metadata)
-
-
-def _from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if not (isinstance(func, _Safe) and isinstance(args, tuple)):
-        raise ValueError("_rebuild_from_type_v2 with a non-allowlisted function")
-    return func(*args)  # subclass type and python state are dropped: the leaf is a LazyTensor
-
-
-def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    if isinstance(cls, type) and issubclass(cls, Placeholder):
-        return cls() if base is object else cls(state)
-    raise ValueError(f"copyreg._reconstructor for {cls!r:.60} refused")
-
-
-def _not_callable(*args: Any) -> Any:
-    raise ValueError("tensor type markers cannot be called")
-
-
-def _size(seq: Any = ()) -> torch.Size:
-    return torch.Size(_ints(seq, "Size"))
-
-
-def _device(*args: Any) -> torch.device:
-    if not (1 <= len(args) <= 2 and isinstance(args[0], str)
-            and all(type(a) is int for a in args[1:])):
-        raise ValueError(f"bad torch.device arguments {args!r:.60}")
-    return torch.device(*args)
-
-
-_TABLE: dict[tuple[str, str], Any] = {
-    **{("builtins", t.__name__): t for t in (set, frozenset, slice, complex, int, float, str, bool,
-                                             list, dict, tuple, object)},
-    ("builtins", "bytes"): _Safe(_bytes_like(bytes), "builtins.bytes"),
-    ("builtins", "bytearray"): _Safe(_bytes_like(bytearray), "builtins.bytearray"),
-    ("_codecs", "encode"): _Safe(_encode, "_codecs.encode"),
-    ("copyreg", "_reconstructor"): _Safe(_reconstructor, "copyreg._reconstructor"),
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("collections", "defaultdict"): _Safe(_defaultdict, "collections.defaultdict"),
-    ("torch", "Size"): _Safe(_size, "torch.Size"),
-    ("torch", "device"): _Safe(_device, "torch.device"),
-    ("torch._utils", "_rebuild_tensor"): _Safe(_rebuild_v2, "torch._utils._rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"): _Safe(_rebuild_v2, "torch._utils._rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_tensor_v3"): _Safe(_rebuild_v3, "torch._utils._rebuild_tensor_v3"),
-    ("torch._utils", "_rebuild_parameter"): _Safe(lambda d, *a: d, "torch._utils._rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"):
-        _Safe(lambda d, *a: d, "torch._utils._rebuild_parameter_with_state"),
-    ("torch._tensor", "_rebuild_from_type_v2"): _Safe(_from_type_v2, "torch._tensor._rebuild_from_type_v2"),
-    **{(m, n): _Safe(_not_callable, f"{m}.{n}") for m, n in (  # only as a type marker
-        ("torch", "Tensor"), ("torch._tensor", "Tensor"), ("torch.nn.parameter", "Parameter"))},
-    **{(m, n): _StorageType(n, dt) for n, dt in STORAGE_DTYPES.items()
-       for m in ("torch", "torch.storage")},
-}
 
 
 class TorchFile:
@@ -424,7 +385,7 @@ class TorchFile:
         except Exception as e:  # noqa: BLE001 - anything else means a malformed pickle
             self.close()
             raise CorruptCheckpoint(f"data.pkl cannot be unpickled ({_one_line(e)})", path=self.path,
-                                    fix="re-download or re-create the checkpoint") from None
+                                    fix=_REFETCH) from None
         for name, lt in iter_lazy(self.obj):
             if lt.name is None:
                 object.__setattr__(lt, "name", name)
@@ -436,7 +397,7 @@ class TorchFile:
     def close(self) -> None:
         self._archive.close()
 
-    def __enter__(self) -> "TorchFile":
+    def __enter__(self) -> TorchFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -456,23 +417,17 @@ def iter_lazy(obj: Any, prefix: str = "") -> Iterator[tuple[str, LazyTensor]]:
         path, o = stack.pop()
         if isinstance(o, LazyTensor):
             yield path, o
-            continue
-        if isinstance(o, (dict, list, tuple, argparse.Namespace, Placeholder)) and id(o) not in seen:
+        elif isinstance(o, (dict, list, tuple, argparse.Namespace, Placeholder)) and id(o) not in seen:
             seen.add(id(o))
-            if isinstance(o, dict):
-                kids = list(o.items())
-            elif isinstance(o, (list, tuple)):
-                kids = list(enumerate(o))
-            elif isinstance(o, argparse.Namespace):
-                kids = list(vars(o).items())
-            else:
-                kids = [("args", o.args), ("state", o.state), ("items", o.items),
-                        ("dict_items", o.dict_items)]
-            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(kids))
+            kids = (o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, (list, tuple))
+                    else vars(o).items() if isinstance(o, argparse.Namespace) else
+                    [("args", o.args), ("state", o.state), ("items", o.items), ("dict_items", o.dict_items)])
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(list(kids)))
 
 
 def materialize(obj: Any, _memo: dict | None = None) -> Any:
-    """A copy of ``obj`` with every LazyTensor loaded (containers copied; small files only)."""
+    """A copy of ``obj`` with every LazyTensor loaded: dicts, lists, plain tuples and Namespaces
+    are copied, anything else (Placeholders too) is returned as is. For small files only."""
     memo = {} if _memo is None else _memo
     if id(obj) in memo:
         return memo[id(obj)]
@@ -480,21 +435,17 @@ def materialize(obj: Any, _memo: dict | None = None) -> Any:
         out = memo[id(obj)] = obj.load()
     elif isinstance(obj, dict):
         out = memo[id(obj)] = copy.copy(obj)
-        for k in out:
+        for k in list(out):
             out[k] = materialize(obj[k], memo)
+    elif isinstance(obj, argparse.Namespace):
+        out = memo[id(obj)] = argparse.Namespace()
+        for k, v in vars(obj).items():
+            setattr(out, k, materialize(v, memo))
     elif isinstance(obj, list):
         out = memo[id(obj)] = []
         out.extend(materialize(x, memo) for x in obj)
     elif type(obj) is tuple:
         out = memo[id(obj)] = tuple(materialize(x, memo) for x in obj)
-    elif isinstance(obj, argparse.Namespace):
-        out = memo[id(obj)] = argparse.Namespace()
-        for k, v in vars(obj).items():
-            setattr(out, k, materialize(v, memo))
-    elif isinstance(obj, Placeholder):
-        out = memo[id(obj)] = type(obj).__new__(type(obj), *materialize(obj.args, memo))
-        out.kwargs, out.state = materialize(obj.kwargs, memo), materialize(obj.state, memo)
-        out.items, out.dict_items = materialize(obj.items, memo), materialize(obj.dict_items, memo)
     else:
         out = obj
     return out
