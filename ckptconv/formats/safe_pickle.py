@@ -342,14 +342,15 @@ class _SafeUnpickler(pickle.Unpickler):
         if (module, name) in self._table:
             return self._table[(module, name)]
         if {orig.split(".", 1)[0], module.split(".", 1)[0]} & _DENY:
-            raise UnsafeCheckpoint(f"pickle references forbidden global '{orig}' (module "
-                                   f"'{module.split('.')[0]}' is refused unless allowlisted)",
+            alias = f" (pickled as '{orig}')" if orig != f"{module}.{name}" else ""
+            raise UnsafeCheckpoint(f"pickle references forbidden global '{module}.{name}'{alias}; "
+                                   f"module '{module.split('.')[0]}' is refused unless allowlisted",
                                    path=self._archive.path, fix="load only checkpoints from trusted "
                                    "sources, or re-save the tensors with safetensors")
         qual = f"{module}.{name}"
         if qual not in self._placeholders:
-            self._placeholders[qual] = type(name.rsplit(".", 1)[-1], (Placeholder,),
-                                            {"qualname": qual, "__module__": __name__})
+            self._placeholders[qual] = type(name.rsplit(".", 1)[-1], (Placeholder,), {
+                "qualname": qual, "__module__": __name__, "__qualname__": f"Placeholder[{qual}]"})
         return self._placeholders[qual]
 
     def persistent_load(self, pid: Any) -> _StorageRef:

@@ -43,6 +43,9 @@ class TensorSlot:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))  # accept lists / torch.Size
+
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     """torch's contiguous strides (zero-size dims count as 1)."""
@@ -130,6 +133,11 @@ class StreamingTorchSave:
         return torch._utils._rebuild_tensor_v3, (_Storage(pid), *args, slot.dtype)
 
     @property
+    def slot_names(self) -> list[str]:
+        """All slot names in key order (writing in this order lets torch compute offsets)."""
+        return list(self._slots)
+
+    @property
     def missing(self) -> list[str]:
         """Slot names not written yet, in template order."""
         done = set(self._written)
@@ -168,9 +176,13 @@ class StreamingTorchSave:
                                  f"{', '.join(missing[:5])}{more}", path=self.path,
                                  fix="write every TensorSlot before close(); the partial file was deleted")
         keys = [int(self._slots[n][0]) for n in self._written]
-        if keys == sorted(keys):
-            self._writer.write_record(".format_version", "1", 1)
-        self._writer.write_end_of_file()
+        try:
+            if keys == sorted(keys):
+                self._writer.write_record(".format_version", "1", 1)
+            self._writer.write_end_of_file()
+        except BaseException:
+            self.abort()
+            raise
         self._release()
 
     def _release(self) -> None:
