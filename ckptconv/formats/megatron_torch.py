@@ -114,7 +114,7 @@ class MegatronTorchReader:
         for key, f in self._files.items():
             if f.obj.get("iteration") != self.iteration:
                 raise LayoutError(f"mixed iterations: rank {key} holds {f.obj.get('iteration')}, rank (0, 0) "
-                                  f"holds {self.iteration}", path=f.path if hasattr(f, "path") else key,
+                                  f"holds {self.iteration}", path=f.path,
                                   fix="do not mix rank files from different saves")
         self.meta: dict = head.get("ckptconv") or {}
         self._catalog()
@@ -129,7 +129,7 @@ class MegatronTorchReader:
             for v, key in enumerate(keys):
                 sd = f.obj.get(key)
                 if sd is None:
-                    raise MissingTensors(f"no '{key}' state dict", path=_path(f),
+                    raise MissingTensors(f"no '{key}' state dict", path=f.path,
                                          fix="virtual pipeline settings in args do not match the file")
                 for local, value in sd.items():
                     if "input_layernorm" in local or "pre_mlp_layernorm" in local:
@@ -139,11 +139,11 @@ class MegatronTorchReader:
                         continue
                     if not hasattr(value, "load"):
                         raise CorruptCheckpoint(f"entry is a {type(value).__name__}, not a tensor",
-                                                path=_path(f), tensor=local, fix="the file is not a model checkpoint")
+                                                path=f.path, tensor=local, fix="the file is not a model checkpoint")
                     name = to_canonical(lay.global_name(p, v, local))
                     self._pieces.setdefault(name, {})
                     if t in self._pieces[name]:
-                        raise LayoutError("tensor appears twice", path=_path(f), tensor=name)
+                        raise LayoutError("tensor appears twice", path=f.path, tensor=name)
                     self._pieces[name][t] = value
         self._metas: dict[str, TensorMeta] = {}
         for name, pieces in self._pieces.items():
@@ -196,10 +196,6 @@ class MegatronTorchReader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _path(f: TorchFile) -> object:
-    return getattr(f, "path", "?")
 
 
 class MegatronTorchWriter:

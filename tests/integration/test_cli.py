@@ -160,3 +160,25 @@ def test_verify_exits_1_on_swapped_k_v(hf_model_dir, tmp_path):
     r = run("verify", src, bad)
     assert r.exit_code == 1
     assert k in r.output and v in r.output and "NOT equivalent" in r.output
+
+
+def test_numbered_iteration_and_broken_megatron_dirs(hf_model_dir, tmp_path):
+    src = hf_model_dir("llama-gqa")
+    mg = tmp_path / "mg"
+    assert run("hf-to-megatron", src, mg, "--tp", 2, "--pp", 2, "--iteration", 100).exit_code == 0
+    assert (mg / "latest_checkpointed_iteration.txt").read_text() == "100"
+    assert (mg / "iter_0000100" / "mp_rank_01_001" / "model_optim_rng.pt").is_file()
+    assert run("megatron-to-hf", mg, tmp_path / "hf", "--iteration", 100).exit_code == 0
+    one_line_error(run("megatron-to-hf", mg, tmp_path / "x", "--iteration", 7), "iter_0000007", "--iteration")
+    shutil.rmtree(mg / "iter_0000100" / "mp_rank_01_001")
+    one_line_error(run("megatron-to-hf", mg, tmp_path / "y"), "mp_rank_01_001", "tp 1, pp 1")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_mixed_iterations_refused(hf_model_dir, tmp_path):
+    src = hf_model_dir("llama-gqa")
+    run("hf-to-megatron", src, tmp_path / "a", "--tp", 2, "--iteration", 10)
+    run("hf-to-megatron", src, tmp_path / "b", "--tp", 2, "--iteration", 20)
+    shutil.copy(tmp_path / "b" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt",
+                tmp_path / "a" / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt")
+    one_line_error(run("megatron-to-hf", tmp_path / "a", tmp_path / "hf"), "mixed iterations", "mp_rank_01")
