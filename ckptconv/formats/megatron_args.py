@@ -22,6 +22,11 @@ def build_args(cfg: ModelConfig, layout: MegatronLayout, *, padded_vocab: int, d
     if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
         raise UnsupportedFamily(f"rope scaling {scaling.get('rope_type')!r} has no Megatron-Core equivalent",
                                 path="config.json", fix="only llama3-style rope scaling is supported")
+    fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    odd = {k: scaling[k] for k in fixed if scaling and k in scaling and float(scaling[k]) != fixed[k]}
+    if odd:
+        raise UnsupportedFamily(f"llama3 rope scaling with {odd}: Megatron-Core hard-codes {fixed}",
+                                path="config.json", fix="only the Llama 3.x rope scaling constants are supported")
     gqa = cfg.num_kv_heads != cfg.num_heads
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,

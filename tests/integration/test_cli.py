@@ -182,3 +182,12 @@ def test_mixed_iterations_refused(hf_model_dir, tmp_path):
     shutil.copy(tmp_path / "b" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt",
                 tmp_path / "a" / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt")
     one_line_error(run("megatron-to-hf", tmp_path / "a", tmp_path / "hf"), "mixed iterations", "mp_rank_01")
+
+
+def test_rope_scaling_megatron_cannot_express_is_refused(hf_model_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(hf_model_dir("llama3-rope"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_parameters"]["original_max_position_embeddings"] = 64
+    (src / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run("hf-to-megatron", src, tmp_path / "mg"), "original_max_position_embeddings", "Fix:")

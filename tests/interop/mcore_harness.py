@@ -290,8 +290,6 @@ def megatron_logits(
     ``MegatronHarnessError`` with the failing rank's message (e.g. megatron's strict-load
     error) if any rank fails, ``TimeoutError`` after ``timeout_s``.
     """
-    import torch.multiprocessing as mp
-
     iter_dir = resolve_iteration_dir(ckpt_root, iteration)
     args = read_megatron_args(ckpt_root, iteration)
     tp = int(_arg(args, "tensor_model_parallel_size", 1))
@@ -314,6 +312,18 @@ def megatron_logits(
     world = tp * pp
 
     _configure_forkserver()
+    for attempt in range(3):
+        try:
+            return _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s)
+        except MegatronHarnessError as e:  # another process grabbed the port first
+            if attempt == 2 or "address already in use" not in str(e).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s) -> torch.Tensor:
+    import torch.multiprocessing as mp
+
     with tempfile.TemporaryDirectory(prefix="mcore_harness_") as out_dir:
         port = _free_port()
         ctx = mp.start_processes(

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
-pytest.importorskip("psutil")
+pytest.importorskip("megatron.core", exc_type=ImportError)
+pytest.importorskip("psutil", exc_type=ImportError)
 
 from mcore_harness import MegatronHarnessError, megatron_logits  # noqa: E402
 

@@ -31,6 +31,12 @@ def test_megatron_core_logits_match_transformers(hf_model_dir, tmp_path, variant
     assert max_diff_vs_hf(tmp_path / "mg", src) < 1e-4
 
 
+def test_llama3_rope_scaling_and_virtual_pipeline(hf_model_dir, tmp_path):
+    src = hf_model_dir("llama3-rope")
+    hf_to_megatron(src, tmp_path / "mg", tp=1, pp=2, vpp=2, impl="local", show_progress=False)
+    assert max_diff_vs_hf(tmp_path / "mg", src) < 1e-4
+
+
 def test_transformer_engine_key_space_loads(hf_model_dir, tmp_path):
     src = hf_model_dir("llama-gqa")
     hf_to_megatron(src, tmp_path / "mg", tp=2, pp=2, show_progress=False)
