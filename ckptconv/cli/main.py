@@ -1,10 +1,14 @@
-"""The `ckptconv` command group: one thin command per module."""
+"""The `ckptconv` command group. Every module in this package that defines a click `command`
+is one subcommand (one thin command per file)."""
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import click
 
 from .. import __version__
-from . import hf_to_megatron, inspect_cmd, megatron_to_hf, verify
+from . import __path__ as _cli_path
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,8 +17,10 @@ def cli():
     """Convert, reshard and verify LLM checkpoints (Hugging Face <-> Megatron-Core)."""
 
 
-for module in (hf_to_megatron, megatron_to_hf, inspect_cmd, verify):
-    cli.add_command(module.command)
+for _info in sorted(pkgutil.iter_modules(_cli_path), key=lambda m: m.name):
+    _module = importlib.import_module(f"{__name__.rsplit('.', 1)[0]}.{_info.name}")
+    if isinstance(getattr(_module, "command", None), click.Command):
+        cli.add_command(_module.command)
 
 
 def main():

@@ -1,7 +1,7 @@
-"""Execute conversion plans tensor by tensor: HF <-> Megatron per-rank torch format.
+"""Execute conversions tensor by tensor: any HF-named source -> Megatron, any source -> HF.
 
 At most one logical tensor (its sources, its transformed form and one rank slice) is in
-memory at a time; readers mmap/slice and writers stream.
+memory at a time; readers read headers first and slice, writers stream.
 """
 from __future__ import annotations
 
@@ -11,59 +11,90 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..families import family_by_name, family_for_hf
+from ..families import family_for_hf
 from ..formats.atomic import atomic_output_dir
+from ..formats.detect import detect_format
 from ..formats.hf import HFReader, HFWriter
 from ..formats.hf_hub import resolve_hf_source
-from ..formats.megatron_args import build_args, config_from_args
-from ..formats.megatron_torch import MegatronTorchReader, MegatronTorchWriter
+from ..formats.megatron import megatron_writer, open_megatron_reader
+from ..formats.megatron_args import build_args
 from ..ops import get_op
 from ..plan.megatron_layout import MegatronLayout, pad_vocab_size
 from ..plan.output_shards import parse_size
-from ..plan.planner import plan_hf_to_megatron, plan_megatron_to_hf
+from ..plan.planner import plan_hf_to_megatron
+from ..types import TensorMeta, dtype_name
 from .checks import check_finite
+from .megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
 from .progress import progress
 
-HF_ASSETS_DIR = "hf_assets"     # inside a Megatron checkpoint root: the source HF config + tokenizer files
+
+def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                       impl: str = "transformer_engine", dtype: torch.dtype | None = None,
+                       divisible_by: int = 128, iteration: int | str = "release", ckpt_format: str = "torch",
+                       overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
+                       show_progress: bool = True, first_stage_layers: int | None = None,
+                       last_stage_layers: int | None = None) -> dict:
+    """Write an HF-named source (HF, DeepSpeed, ... see ckptconv.sources) as a Megatron checkpoint."""
+    hf_cfg = source.config()
+    family = family_for_hf(hf_cfg, Path(source.path) / "config.json")
+    cfg = family.from_hf_config(hf_cfg)
+    layout = MegatronLayout(tp, pp, cfg.num_layers, vpp, first_stage_layers, last_stage_layers)
+    padded = pad_vocab_size(cfg.vocab_size, divisible_by, tp)
+    plan = plan_hf_to_megatron(family, cfg, source.tensors(), layout, padded, dtype)
+    summary = {"source": str(source.path), "destination": str(dst), "format": f"megatron_{ckpt_format}",
+               **plan.summary()}
+    if dry_run:
+        return summary
+    main_dtype = dtype or plan.items[0].megatron.dtype
+    args = build_args(cfg, layout, padded_vocab=padded, divisible_by=divisible_by, dtype=main_dtype,
+                      impl=impl, iteration=0 if iteration == "release" else int(iteration))
+    extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
+    with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
+        with megatron_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
+                             impl=impl, tie_copy=cfg.tie_embeddings, extra=extra) as writer:
+            for item in progress(plan.items, desc="to megatron", enabled=show_progress):
+                xs = [source.read(m.name) for m in item.hf]
+                for m, x in zip(item.hf, xs):
+                    check_finite(m.name, x, source.path, allow_nonfinite)
+                t = get_op(item.op).forward(xs, plan.ctx)
+                writer.write(item.megatron.name, t.to(item.megatron.dtype))
+                del xs, t
+        assets = tmp / HF_ASSETS_DIR
+        assets.mkdir()
+        (assets / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+        for f in source.asset_files():
+            (assets / f.name).write_bytes(f.read_bytes())
+    return summary
 
 
-def hf_to_megatron(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                   impl: str = "transformer_engine", dtype: torch.dtype | None = None,
-                   divisible_by: int = 128, iteration: int | str = "release", overwrite: bool = False,
-                   dry_run: bool = False, allow_nonfinite: bool = False, show_progress: bool = True,
-                   cache_dir: str | Path | None = None, first_stage_layers: int | None = None,
-                   last_stage_layers: int | None = None) -> dict:
-    """Convert an HF checkpoint (directory or cached hub id) to Megatron per-rank torch format."""
-    path = resolve_hf_source(str(src), cache_dir)
-    with HFReader(path) as reader:
-        hf_cfg = reader.config()
-        family = family_for_hf(hf_cfg, path / "config.json")
-        cfg = family.from_hf_config(hf_cfg)
-        layout = MegatronLayout(tp, pp, cfg.num_layers, vpp, first_stage_layers, last_stage_layers)
-        padded = pad_vocab_size(cfg.vocab_size, divisible_by, tp)
-        plan = plan_hf_to_megatron(family, cfg, reader.tensors(), layout, padded, dtype)
-        summary = {"source": str(path), "destination": str(dst), "format": "megatron_torch", **plan.summary()}
-        if dry_run:
-            return summary
-        main_dtype = dtype or plan.items[0].megatron.dtype
-        args = build_args(cfg, layout, padded_vocab=padded, divisible_by=divisible_by, dtype=main_dtype,
-                          impl=impl, iteration=0 if iteration == "release" else int(iteration))
-        extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
-        with atomic_output_dir(Path(dst), sources=[path], overwrite=overwrite) as tmp:
-            with MegatronTorchWriter(tmp, layout, plan.target_metas(), args=args, iteration=iteration,
-                                     impl=impl, tie_copy=cfg.tie_embeddings, extra=extra) as writer:
-                for item in progress(plan.items, desc="hf-to-megatron", enabled=show_progress):
-                    xs = [reader.read(m.name) for m in item.hf]
-                    for m, x in zip(item.hf, xs):
-                        check_finite(m.name, x, path, allow_nonfinite)
-                    t = get_op(item.op).forward(xs, plan.ctx)
-                    writer.write(item.megatron.name, t.to(item.megatron.dtype))
-                    del xs, t
-            assets = tmp / HF_ASSETS_DIR
-            assets.mkdir()
-            (assets / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-            for f in reader.asset_files():
-                (assets / f.name).write_bytes(f.read_bytes())
+def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | None = None, **kwargs) -> dict:
+    """Convert an HF checkpoint (directory or cached hub id) to Megatron (see source_to_megatron)."""
+    with HFReader(resolve_hf_source(str(src), cache_dir)) as source:
+        return source_to_megatron(source, dst, **kwargs)
+
+
+def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                 overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
+                 show_progress: bool = True, summary: dict | None = None) -> dict:
+    """Write any HF-named source as HF safetensors (+ config and tokenizer/generation files)."""
+    metas = [TensorMeta(m.name, m.shape, dtype or m.dtype) for m in source.tensors().values()]
+    summary = {"source": str(source.path), "destination": str(dst), "format": "hf",
+               "tensors_written": len(metas), "bytes_written": sum(m.nbytes for m in metas), **(summary or {})}
+    if dry_run:
+        return summary
+    config = source.config()
+    if dtype is not None:
+        config["dtype"] = dtype_name(dtype)
+        config.pop("torch_dtype", None)
+    with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
+        with HFWriter(tmp, metas, parse_size(max_shard_size)) as writer:
+            for m in progress(metas, desc="to hf", enabled=show_progress):
+                t = source.read(m.name)
+                check_finite(m.name, t, source.path, allow_nonfinite)
+                writer.write(m.name, t.to(m.dtype))
+                del t
+            writer.write_config(config)
+            writer.copy_assets(source.asset_files())
     return summary
 
 
@@ -75,37 +106,9 @@ def load_hf_config_arg(hf_config: str | Path | None) -> dict | None:
 
 
 def megatron_to_hf(src: str | Path, dst: str | Path, *, iteration: str | int = "latest",
-                   hf_config: str | Path | None = None, dtype: torch.dtype | None = None,
-                   max_shard_size: str | int = "5GB", overwrite: bool = False, dry_run: bool = False,
-                   allow_nonfinite: bool = False, show_progress: bool = True) -> dict:
-    """Convert a Megatron per-rank torch checkpoint (any TP/PP/VPP) to HF safetensors."""
-    src = Path(src)
-    with MegatronTorchReader(src, iteration) as reader:
-        carried = reader.meta.get("hf_config")
-        hf_cfg = load_hf_config_arg(hf_config) or carried
-        cfg = config_from_args(reader.args, hf_cfg)
-        family = family_by_name(cfg.family)
-        out_cfg = dict(hf_cfg) if hf_cfg else family.to_hf_config(cfg)
-        padded = int(getattr(reader.args, "padded_vocab_size", 0) or
-                     reader.tensors()["embedding.word_embeddings.weight"].shape[0])
-        plan = plan_megatron_to_hf(family, cfg, reader.tensors(), reader.layout, padded, dtype)
-        summary = {"source": str(src), "destination": str(dst), "format": "hf",
-                   "iteration": reader.iteration, **plan.summary()}
-        if dry_run:
-            return summary
-        if dtype is not None:
-            out_cfg["dtype"] = str(dtype).replace("torch.", "")
-            out_cfg.pop("torch_dtype", None)
-        assets_dir = reader.root / HF_ASSETS_DIR
-        assets = [f for f in sorted(assets_dir.iterdir()) if f.name != "config.json"] if assets_dir.is_dir() else []
-        with atomic_output_dir(Path(dst), sources=[src], overwrite=overwrite) as tmp:
-            with HFWriter(tmp, plan.target_metas(), parse_size(max_shard_size)) as writer:
-                for item in progress(plan.items, desc="megatron-to-hf", enabled=show_progress):
-                    t = reader.read(item.megatron.name)
-                    check_finite(item.megatron.name, t, reader.iter_dir, allow_nonfinite)
-                    for m, x in zip(item.hf, get_op(item.op).inverse(t, plan.ctx)):
-                        writer.write(m.name, x.to(m.dtype))
-                    del t
-                writer.write_config(out_cfg)
-                writer.copy_assets(assets)
-    return summary
+                   hf_config: str | Path | None = None, dtype: torch.dtype | None = None, **kwargs) -> dict:
+    """Convert a Megatron checkpoint (any TP/PP/VPP) to HF safetensors (see source_to_hf)."""
+    reader = open_megatron_reader(Path(src), detect_format(Path(src)), iteration)
+    with MegatronAsHF(reader, load_hf_config_arg(hf_config), dtype) as source:
+        summary = {"iteration": reader.iteration, **source.plan.summary()}
+        return source_to_hf(source, dst, dtype=dtype, summary=summary, **kwargs)

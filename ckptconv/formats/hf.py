@@ -9,12 +9,14 @@ ever opened through :mod:`ckptconv.formats.safe_pickle` (never ``torch.load``).
 Writer: told every output tensor up front, it plans the shards, writes each shard's
 safetensors header and pre-sizes the file; ``write`` then puts one tensor's bytes at its
 offset, in any order. Nothing ever holds more than the tensor being written.
+
+The byte-level safetensors work (header parsing/validation, shard creation, positioned
+reads and writes, dtype tables) lives in :mod:`ckptconv.formats.safetensors_io`.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import struct
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,27 +26,16 @@ from typing import Any
 import torch
 
 from ckptconv.errors import CorruptCheckpoint, LayoutError, MissingTensors, UnknownFormat
+from ckptconv.formats.safetensors_io import (_DTYPE_TO_ST, _REFIX, create_shard, read_into,
+                                             read_safetensors_header, write_at)
 from ckptconv.plan.output_shards import plan_shards, shard_file_names
 from ckptconv.types import TensorMeta
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    k: v for k, v in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-        "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
-        "U64": getattr(torch, "uint64", None), "C64": torch.complex64,
-    }.items() if v is not None}
-_DTYPE_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 
 ASSET_NAMES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "spiece.model", "sentencepiece.bpe.model",
 )
-_REFIX = "re-download or re-export the checkpoint; the file is damaged or not safetensors"
 
 
 @dataclass(frozen=True)
@@ -53,65 +44,6 @@ class _Entry:
     meta: TensorMeta
     offset: int = 0          # absolute byte offset of the data (safetensors)
     lazy: Any = None         # safe_pickle LazyTensor (.bin)
-
-
-def read_safetensors_header(path: Path) -> dict[str, tuple[TensorMeta, int]]:
-    """Parse and validate one safetensors header without touching tensor bytes.
-
-    Returns ``name -> (meta, absolute data offset)`` in on-disk order. Raises
-    :class:`CorruptCheckpoint` naming the file (and tensor) on any inconsistency."""
-    path = Path(path)
-    size = path.stat().st_size
-
-    def bad(what: str, tensor: str | None = None) -> CorruptCheckpoint:
-        return CorruptCheckpoint(what, path=path, tensor=tensor, fix=_REFIX)
-
-    if size < 8:
-        raise bad(f"file is {size} bytes, shorter than the 8-byte safetensors length prefix")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("safetensors header is not a JSON object")
-    data_len = size - 8 - n
-    rows = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad("malformed header entry (needs dtype, shape, data_offsets [begin, end])",
-                      name) from None
-        if dt not in _ST_DTYPES:
-            raise bad(f"unsupported safetensors dtype {dt!r}", name)
-        if any(s < 0 for s in shape):
-            raise bad(f"negative dimension in shape {list(shape)}", name)
-        meta = TensorMeta(name, shape, _ST_DTYPES[dt])
-        if not 0 <= begin <= end <= data_len:
-            raise bad(f"data_offsets [{begin}, {end}] out of range (data section is "
-                      f"{data_len} bytes; file truncated?)", name)
-        if end - begin != meta.nbytes:
-            raise bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
-                      f"{list(shape)} x {dt} needs {meta.nbytes}", name)
-        rows.append((begin, end, meta))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    pos = 0
-    for begin, end, meta in rows:
-        if begin != pos:
-            raise bad(f"data_offsets start at {begin}, expected {pos} (gap or overlap)", meta.name)
-        pos = end
-    if pos != data_len:
-        raise bad(f"{data_len - pos} bytes after the last tensor are not covered by the header")
-    return {meta.name: (meta, 8 + n + begin) for begin, _, meta in rows}
 
 
 class HFReader:
@@ -295,14 +227,7 @@ class HFReader:
                 f = self._handles.get(e.file)
                 if f is None:
                     f = self._handles[e.file] = open(e.file, "rb")
-                f.seek(offset)
-                got = 0
-                while got < nbytes:
-                    k = f.readinto(view[got:])
-                    if not k:
-                        raise CorruptCheckpoint("file ended while reading the tensor",
-                                                path=e.file, tensor=m.name, fix=_REFIX)
-                    got += k
+                read_into(f, offset, view, e.file, m.name)
         return buf.view(m.dtype).reshape(shape)
 
 
@@ -333,32 +258,11 @@ class HFWriter:
         self._done = False
         try:
             for path, group in zip(self._shards, groups):
-                self._create_shard(path, group)
+                offsets = create_shard(path, [self._metas[n] for n in group], self._created)
+                self._where.update((n, (path, off)) for n, off in offsets.items())
         except BaseException:
             self.abort()
             raise
-
-    def _create_shard(self, path: Path, group: list[str]) -> None:
-        # Widest dtypes first keeps every tensor aligned to its itemsize; offsets contiguous.
-        order = sorted(group, key=lambda n: (-self._metas[n].dtype.itemsize, n))
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for n in order:
-            m = self._metas[n]
-            header[n] = {"dtype": _DTYPE_TO_ST[m.dtype], "shape": list(m.shape),
-                         "data_offsets": [pos, pos + m.nbytes]}
-            pos += m.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        base = 8 + len(raw)
-        f = open(path, "wb")
-        self._created.append(path)
-        with f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            f.truncate(base + pos)  # pre-size (sparse where the filesystem allows)
-        for n in order:
-            self._where[n] = (path, base + header[n]["data_offsets"][0])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor's bytes at its planned offset (any order, each name once)."""
@@ -379,9 +283,7 @@ class HFWriter:
                               fix="cast/reshape before writing or fix the conversion plan")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
-            with open(path, "r+b") as f:
-                f.seek(offset)
-                f.write(memoryview(data.numpy()).cast("B"))
+            write_at(path, offset, data)
         self._written.add(name)
 
     def write_config(self, config: dict) -> None:

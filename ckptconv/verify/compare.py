@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .view import HFView
+from ..sources import open_hf_view
+from .view import mapping_groups
 
 
 @dataclass
@@ -65,16 +66,14 @@ def compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor, atol: float | No
 def compare_checkpoints(a: str, b: str, *, atol: float | None = None, rtol: float | None = None,
                         iteration: str = "latest") -> Report:
     report = Report(str(a), str(b))
-    with HFView(a, iteration) as va, HFView(b, iteration) as vb:
-        for name in sorted(set(va.metas) - set(vb.metas)):
+    with open_hf_view(a, iteration=iteration) as va, open_hf_view(b, iteration=iteration) as vb:
+        ma, mb = va.tensors(), vb.tensors()
+        for name in sorted(set(ma) - set(mb)):
             report.results.append(TensorResult(name, "missing_in_b"))
-        for name in sorted(set(vb.metas) - set(va.metas)):
+        for name in sorted(set(mb) - set(ma)):
             report.results.append(TensorResult(name, "missing_in_a"))
-        for mapping in va.groups:
-            ta = va.read_group(mapping)
-            tb = vb.read_group(mapping) if any(n in vb.metas for n in ta) else {}
-            for name in ta:
-                if name in tb:
-                    report.results.append(compare_tensor(name, ta[name], tb[name], atol, rtol))
-            del ta, tb
+        for mapping in mapping_groups(va):
+            for name in mapping.hf:
+                if name in ma and name in mb:
+                    report.results.append(compare_tensor(name, va.read(name), vb.read(name), atol, rtol))
     return report

@@ -1,0 +1,65 @@
+"""A Hugging Face-named view of a Megatron logical reader, through the family's inverse ops.
+
+Reading `q_proj` reads the fused `linear_qkv` once and keeps its other outputs (k, v) until
+they are asked for, so a consumer that walks the family table in order reads every Megatron
+tensor exactly once; at most one group is held.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..families import family_by_name
+from ..formats.megatron_args import config_from_args
+from ..ops import get_op
+from ..plan.planner import Plan, PlanItem, plan_megatron_to_hf
+from ..types import TensorMeta
+
+HF_ASSETS_DIR = "hf_assets"     # inside a Megatron checkpoint root: the source HF config + tokenizer files
+
+
+class MegatronAsHF:
+    def __init__(self, reader, hf_config: dict | None = None, dtype: torch.dtype | None = None):
+        self.reader = reader
+        self.path = Path(reader.root)
+        carried = reader.meta.get("hf_config")
+        self.cfg = config_from_args(reader.args, hf_config or carried)
+        self.family = family_by_name(self.cfg.family)
+        self._config = dict(hf_config or carried or self.family.to_hf_config(self.cfg))
+        padded = int(getattr(reader.args, "padded_vocab_size", 0) or
+                     reader.tensors()["embedding.word_embeddings.weight"].shape[0])
+        self.plan: Plan = plan_megatron_to_hf(self.family, self.cfg, reader.tensors(), reader.layout, padded, dtype)
+        self._items: dict[str, PlanItem] = {m.name: it for it in self.plan.items for m in it.hf}
+        self._group: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        return {name: next(m for m in it.hf if m.name == name) for name, it in self._items.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        item = self._items[name]
+        if self._group is None or self._group[0] != item.megatron.name or name not in self._group[1]:
+            full = self.reader.read(item.megatron.name)
+            outs = get_op(item.op).inverse(full, self.plan.ctx)
+            self._group = (item.megatron.name, {m.name: x for m, x in zip(item.hf, outs)})
+        tensor = self._group[1].pop(name)
+        if not self._group[1]:
+            self._group = None
+        return tensor
+
+    def asset_files(self) -> list[Path]:
+        d = self.path / HF_ASSETS_DIR
+        return [f for f in sorted(d.iterdir()) if f.name != "config.json"] if d.is_dir() else []
+
+    def close(self) -> None:
+        self._group = None
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,32 @@
+"""Open any supported checkpoint as a Hugging Face-named logical source.
+
+Hugging Face layout is the hub between ecosystems: every source offers `config()` (an HF
+config dict), `tensors()` (HF name -> TensorMeta), `read(name)`, `asset_files()`, `path`,
+`close()`. Conversions to any target and verification are written against this interface.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .engine.megatron_as_hf import MegatronAsHF
+from .formats.detect import detect_format
+from .formats.hf import HFReader
+from .formats.hf_hub import resolve_hf_source
+from .formats.megatron import READERS as MEGATRON_READERS
+from .formats.megatron import open_megatron_reader
+
+
+def open_hf_view(src: str | Path, *, iteration: str | int = "latest", hf_config: dict | None = None,
+                 cache_dir: str | Path | None = None, dtype=None):
+    path = resolve_hf_source(str(src), cache_dir)
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return HFReader(path)
+    if fmt in MEGATRON_READERS:
+        reader = open_megatron_reader(path, fmt, iteration)
+        try:
+            return MegatronAsHF(reader, hf_config, dtype)
+        except BaseException:
+            reader.close()
+            raise
+    raise AssertionError(f"detect_format returned unhandled format {fmt!r}")
