@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from .errors import CkptError
 from .families import family_for_hf
 from .formats.detect import detect_format
 from .formats.hf import HFReader
 from .formats.megatron_args import config_from_args
-from .formats.megatron_torch import MegatronTorchReader
+from .formats.megatron import open_megatron_reader
 from .types import TensorMeta, dtype_name
 
 
-def _tensor_summary(metas: dict[str, TensorMeta]) -> dict:
+def tensor_summary(metas: dict[str, TensorMeta]) -> dict:
     return {
         "num_tensors": len(metas),
         "num_parameters": sum(m.numel for m in metas.values()),
@@ -23,38 +24,49 @@ def _tensor_summary(metas: dict[str, TensorMeta]) -> dict:
     }
 
 
-def inspect_checkpoint(path: str | Path, iteration: str = "latest") -> dict:
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "hf":
-        with HFReader(path) as r:
-            cfg = r.config()
-            try:
-                family = family_for_hf(cfg).name
-            except CkptError:
-                family = None
-            return {"path": str(path), "format": "hf", "family": family,
-                    "architectures": cfg.get("architectures"), "assets": [f.name for f in r.asset_files()],
-                    **_tensor_summary(r.tensors())}
-    with MegatronTorchReader(path, iteration) as r:
+def inspect_hf(path: Path, iteration: str = "latest") -> dict:
+    with HFReader(path) as r:
+        cfg = r.config()
+        try:
+            family = family_for_hf(cfg).name
+        except CkptError:
+            family = None
+        return {"path": str(path), "format": "hf", "family": family,
+                "architectures": cfg.get("architectures"), "assets": [f.name for f in r.asset_files()],
+                **tensor_summary(r.tensors())}
+
+
+def inspect_megatron(path: Path, iteration: str = "latest", fmt: str = "megatron_torch") -> dict:
+    with open_megatron_reader(path, fmt, iteration) as r:
         try:
             family = config_from_args(r.args, r.meta.get("hf_config")).family
         except CkptError:
             family = None
         lay = r.layout
-        first = r._files[(0, 0)].obj
         return {
-            "path": str(path), "format": "megatron_torch", "iteration_dir": str(r.iter_dir),
-            "iteration": r.iteration, "checkpoint_version": first.get("checkpoint_version"),
+            "path": str(path), "format": fmt, "iteration_dir": str(r.iter_dir),
+            "iteration": r.iteration, "checkpoint_version": r.common.get("checkpoint_version"),
             "family": family, "transformer_impl": r.impl,
             "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "layers_per_stage": lay.stage_layer_counts(),
             "padded_vocab_size": getattr(r.args, "padded_vocab_size", None),
             "vocab_size": getattr(r.args, "vocab_size", None),
             "carries_hf_config": bool(r.meta.get("hf_config")),
-            "other_state": sorted(k for k in first if k not in ("args", "ckptconv") and not k.startswith("model")),
+            "other_state": sorted(k for k in r.common if k not in ("args", "ckptconv") and not k.startswith("model")),
             "extra_state_entries": len(r.extra_state),
-            **_tensor_summary(r.tensors()),
+            **tensor_summary(r.tensors()),
         }
+
+
+# format name -> inspector(path, iteration) -> dict; a new format adds one entry
+INSPECTORS: dict[str, Callable[..., dict]] = {
+    "hf": inspect_hf,
+    "megatron_torch": inspect_megatron,
+}
+
+
+def inspect_checkpoint(path: str | Path, iteration: str = "latest") -> dict:
+    path = Path(path)
+    return INSPECTORS[detect_format(path)](path, iteration)
 
 
 def inspect_text(info: dict, show_tensors: bool = False) -> str:

@@ -1,7 +1,12 @@
-"""Format sniffing from file names only (no tensor bytes read)."""
+"""Format sniffing from file names only (no tensor bytes read).
+
+SNIFFERS is an ordered list of (format name, predicate on a directory); the first match wins.
+A new format adds one entry here.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UnknownFormat
 from .megatron_torch import LATEST, is_iteration_dir
@@ -10,17 +15,30 @@ HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
               "pytorch_model.bin.index.json")
 
 
+def is_hf(p: Path) -> bool:
+    return (p / "config.json").is_file() and any((p / w).is_file() for w in HF_WEIGHTS)
+
+
+def is_megatron_torch(p: Path) -> bool:
+    return (p / LATEST).is_file() or is_iteration_dir(p) or (p / "release").is_dir() \
+        or any(c.name.startswith("iter_") and c.is_dir() for c in p.iterdir())
+
+
+SNIFFERS: list[tuple[str, Callable[[Path], bool]]] = [
+    ("hf", is_hf),
+    ("megatron_torch", is_megatron_torch),
+]
+
+
 def detect_format(path: Path) -> str:
-    """'hf' | 'megatron_torch'; raises UnknownFormat with what was looked for."""
+    """The format name of a checkpoint directory; raises UnknownFormat with what was looked for."""
     p = Path(path)
     if not p.exists():
         raise UnknownFormat("path does not exist", path=p, fix="check the path (or the hub repo id)")
     if p.is_dir():
-        if (p / "config.json").is_file() and any((p / w).is_file() for w in HF_WEIGHTS):
-            return "hf"
-        if (p / LATEST).is_file() or is_iteration_dir(p) or (p / "release").is_dir() \
-                or any(c.name.startswith("iter_") and c.is_dir() for c in p.iterdir()):
-            return "megatron_torch"
+        for name, sniff in SNIFFERS:
+            if sniff(p):
+                return name
     raise UnknownFormat("not a recognised checkpoint (looked for config.json + model*.safetensors, or "
                         f"{LATEST} / iter_* / release with mp_rank_* directories)", path=p,
                         fix="point at the checkpoint's root directory")

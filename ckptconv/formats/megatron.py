@@ -1,9 +1,12 @@
 """Megatron checkpoint formats behind one interface.
 
 Readers expose Megatron *logical* tensors (global layer numbers, TE names, TP=1 layout):
-`args`, `layout`, `meta` (what ckptconv stored, e.g. the HF config), `iteration`, `root`,
-`tensors()`, `read(name)`, `close()`. Writers take the same constructor arguments and stream
-logical tensors with `write(name, tensor)`.
+    root, iter_dir, iteration, args (Namespace), layout (MegatronLayout), impl (key space),
+    meta (what ckptconv stored: {"hf_config", "family", ...}), common (non-tensor state:
+    checkpoint_version, optimizer, rng_state, ...), extra_state (list of `_extra_state` keys),
+    tensors() -> {name: TensorMeta}, read(name) -> full logical tensor, close(); context manager.
+Writers: Writer(out_root, layout, metas, *, args, iteration, impl, tie_copy, extra) with
+write(name, full_logical_tensor) in any order, close()/abort(); context manager.
 """
 from __future__ import annotations
 

@@ -117,6 +117,8 @@ class MegatronTorchReader:
                                   f"holds {self.iteration}", path=f.path,
                                   fix="do not mix rank files from different saves")
         self.meta: dict = head.get("ckptconv") or {}
+        # non-tensor state of rank (0, 0): args, checkpoint_version, optimizer, rng_state, ...
+        self.common: dict = {k: v for k, v in head.items() if not k.startswith("model")}
         self._catalog()
 
     def _catalog(self) -> None:
