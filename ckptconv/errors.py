@@ -51,3 +51,7 @@ class OutputExists(CkptError):
 
 class NonFiniteWeights(CkptError):
     """A tensor contains NaN or Inf."""
+
+
+class WriteFailed(CkptError):
+    """Writing the output failed (disk full, permissions, I/O error)."""

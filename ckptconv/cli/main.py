@@ -17,7 +17,7 @@ def cli():
     """Convert, reshard and verify LLM checkpoints (Hugging Face <-> Megatron-Core)."""
 
 
-for _info in sorted(pkgutil.iter_modules(_cli_path), key=lambda m: m.name):
+for _info in sorted((m for m in pkgutil.iter_modules(_cli_path) if not m.name.startswith("_")), key=lambda m: m.name):
     _module = importlib.import_module(f"{__name__.rsplit('.', 1)[0]}.{_info.name}")
     if isinstance(getattr(_module, "command", None), click.Command):
         cli.add_command(_module.command)

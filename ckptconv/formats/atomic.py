@@ -2,9 +2,12 @@
 
 A failed or interrupted run leaves no complete-looking DST; an existing DST is replaced only
 with --overwrite and only after the new one is complete. DST may not be SRC or overlap it.
+A run killed with SIGKILL leaves only a hidden `.DST.ckptconv-tmp-<pid>-<id>` directory, which
+the next run for the same DST removes once that pid is gone.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -36,11 +39,37 @@ def check_destination(dst: Path, sources: list[Path], overwrite: bool) -> Path:
     return dst
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp_dirs(dst: Path) -> list[Path]:
+    """Remove hidden temp siblings of ``dst`` left by runs that were killed."""
+    removed = []
+    prefix = f".{dst.name}{TMP_MARK}"
+    if not dst.parent.is_dir():
+        return removed
+    for p in dst.parent.iterdir():
+        if p.name.startswith(prefix) and p.is_dir():
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_output_dir(dst: Path, *, sources: list[Path], overwrite: bool = False) -> Iterator[Path]:
     dst = check_destination(dst, sources, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    remove_stale_tmp_dirs(dst)
+    tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp

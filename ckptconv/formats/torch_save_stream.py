@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LayoutError, MissingTensors
+from ..errors import LayoutError, MissingTensors, WriteFailed
 from .safe_pickle import STORAGE_DTYPES
 
 _STORAGE_NAMES = {dt: n for n, dt in STORAGE_DTYPES.items() if n != "UntypedStorage"}
@@ -161,7 +161,10 @@ class StreamingTorchSave:
         nbytes = t.numel() * t.element_size()
         if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
             t = t.clone()  # a view: write only its own bytes
-        self._writer.write_record(f"data/{key}", t.untyped_storage(), nbytes)
+        try:
+            self._writer.write_record(f"data/{key}", t.untyped_storage(), nbytes)
+        except RuntimeError as e:   # torch's C++ writer reports I/O errors (e.g. ENOSPC) this way
+            raise _write_failed(self.path, name, e) from e
         self._written.append(name)
 
     def close(self) -> None:
@@ -180,6 +183,9 @@ class StreamingTorchSave:
             if keys == sorted(keys):
                 self._writer.write_record(".format_version", "1", 1)
             self._writer.write_end_of_file()
+        except RuntimeError as e:
+            self.abort()
+            raise _write_failed(self.path, None, e) from e
         except BaseException:
             self.abort()
             raise
@@ -213,3 +219,9 @@ class StreamingTorchSave:
     def __del__(self) -> None:  # never leave a valid-looking but incomplete file behind
         if getattr(self, "_writer", None) is not None:
             self.abort()
+
+
+def _write_failed(path: Path, name: str | None, err: RuntimeError) -> WriteFailed:
+    reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+    return WriteFailed(f"could not write the file ({reason})", path=path, tensor=name,
+                       fix="check free disk space and permissions of the output directory")
