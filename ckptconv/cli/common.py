@@ -35,16 +35,30 @@ def handle_errors(fn):
                 raise
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(EXIT_INPUT_ERROR)
-        except OSError as e:
-            if debug:
+        except Exception as e:
+            io_error = _os_error_in_chain(e)
+            if debug or io_error is None:
                 raise
-            click.echo(f"error: {e.strerror or e}; file: {e.filename}. Fix: check the path, permissions "
+            where = f"; file: {io_error.filename}" if io_error.filename else ""
+            click.echo(f"error: {io_error.strerror or io_error}{where}. Fix: check the path, permissions "
                        f"and free disk space", err=True)
             sys.exit(EXIT_INPUT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted: no output was left behind", err=True)
             sys.exit(130)
     return wrapper
+
+
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    """The OSError behind an exception (libraries such as torch's writers re-raise I/O
+    failures like ENOSPC as RuntimeError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def emit(summary: dict, as_json: bool, text: str) -> None:

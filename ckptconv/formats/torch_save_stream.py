@@ -93,16 +93,15 @@ class StreamingTorchSave:
         self._written: list[str] = []
         self._writer: Any = None
         self._stream: Any = None
+        self._stream_error: OSError | None = None
         buf = io.BytesIO()
         _SlotPickler(buf, self).dump(template)  # before touching the disk
         data = buf.getvalue()
-        name = str(self.path)
-        try:
-            name.encode("ascii")
-            self._writer = torch._C.PyTorchFileWriter(name, True, _ALIGNMENT)
-        except UnicodeEncodeError:  # as torch: the C++ writer only takes ascii file names
-            self._stream = open(name, "wb")  # noqa: SIM115
-            self._writer = torch._C.PyTorchFileWriter(self._stream, True, _ALIGNMENT)
+        # Always through a Python file object: torch's C++ writer finishes the archive in its
+        # destructor and aborts the process if a write fails there (e.g. disk full). The guard
+        # records the first OSError and swallows later writes, so failure is reported by us.
+        self._stream = _GuardedFile(self.path)
+        self._writer = torch._C.PyTorchFileWriter(self._stream, True, _ALIGNMENT)
         try:
             self._writer.write_record("data.pkl", data, len(data))
             self._writer.write_record(".storage_alignment", str(_ALIGNMENT), len(str(_ALIGNMENT)))
@@ -163,8 +162,13 @@ class StreamingTorchSave:
             t = t.clone()  # a view: write only its own bytes
         try:
             self._writer.write_record(f"data/{key}", t.untyped_storage(), nbytes)
-        except RuntimeError as e:   # torch's C++ writer reports I/O errors (e.g. ENOSPC) this way
+        except RuntimeError as e:   # torch's C++ writer reports I/O errors this way
+            self.abort()
             raise _write_failed(self.path, name, e) from e
+        if self._stream.error is not None:
+            err = self._stream.error
+            self.abort()
+            raise _write_failed(self.path, name, err)
         self._written.append(name)
 
     def close(self) -> None:
@@ -183,24 +187,31 @@ class StreamingTorchSave:
             if keys == sorted(keys):
                 self._writer.write_record(".format_version", "1", 1)
             self._writer.write_end_of_file()
+            self._release()
         except RuntimeError as e:
             self.abort()
             raise _write_failed(self.path, None, e) from e
         except BaseException:
             self.abort()
             raise
-        self._release()
+        if self._stream_error is not None:
+            err, self._stream_error = self._stream_error, None
+            self.abort(force=True)
+            raise _write_failed(self.path, None, err)
 
     def _release(self) -> None:
-        self._writer = None  # the C++ writer finishes the file when it is destroyed
+        self._writer = None  # the C++ writer finishes the archive when it is destroyed
         if self._stream is not None:
             self._stream.close()
+            self._stream_error = self._stream.error
             self._stream = None
 
-    def abort(self) -> None:
+    def abort(self, force: bool = False) -> None:
         """Stop writing and delete the partial file."""
-        if self._writer is None and self._stream is None:
+        if self._writer is None and self._stream is None and not force:
             return
+        if self._stream is not None:
+            self._stream.discard = True    # the writer's destructor writes into the void
         self._release()
         try:
             os.unlink(self.path)
@@ -221,7 +232,40 @@ class StreamingTorchSave:
             self.abort()
 
 
-def _write_failed(path: Path, name: str | None, err: RuntimeError) -> WriteFailed:
+class _GuardedFile:
+    """A write-only file for torch's C++ writer that never raises into it: the first OSError
+    (ENOSPC, EIO, EFBIG, ...) is kept in ``error`` and later writes are discarded."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.error: OSError | None = None
+        self.discard = False
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if not self.discard and self.error is None:
+            try:
+                self._f.write(data)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def flush(self) -> None:
+        if not self.discard and self.error is None:
+            try:
+                self._f.flush()
+            except OSError as e:
+                self.error = e
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self._f.close()
+        except OSError as e:
+            self.error = self.error or e
+
+
+def _write_failed(path: Path, name: str | None, err: Exception) -> WriteFailed:
     reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
     return WriteFailed(f"could not write the file ({reason})", path=path, tensor=name,
                        fix="check free disk space and permissions of the output directory")

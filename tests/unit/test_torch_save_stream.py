@@ -104,14 +104,15 @@ def test_pickle_is_byte_identical_to_torch_save(tmp_path):
     ours, ref = tmp_path / "ckpt.pt", tmp_path / "ref" / "ckpt.pt"
     ref.parent.mkdir()
     _write(ours)
-    torch.save(_tree(lambda n, t: t.clone()), ref)
+    with open(ref, "wb") as f:   # we write through a file object too: archive prefix "archive/"
+        torch.save(_tree(lambda n, t: t.clone()), f)
     with zipfile.ZipFile(ours) as a, zipfile.ZipFile(ref) as b:
-        assert a.read("ckpt/data.pkl") == b.read("ckpt/data.pkl")
-        assert a.read("ckpt/byteorder") == b.read("ckpt/byteorder")
-        assert a.read("ckpt/.storage_alignment") == b.read("ckpt/.storage_alignment")
+        assert a.read("archive/data.pkl") == b.read("archive/data.pkl")
+        assert a.read("archive/byteorder") == b.read("archive/byteorder")
+        assert a.read("archive/.storage_alignment") == b.read("archive/.storage_alignment")
         assert sorted(a.namelist()) == sorted(b.namelist())
         for name in a.namelist():
-            if name.startswith("ckpt/data/"):
+            if name.startswith("archive/data/"):
                 assert a.read(name) == b.read(name), name
 
 
@@ -123,7 +124,7 @@ def test_format_version_only_when_records_are_in_key_order(tmp_path, in_order):
     keys = ["emb", "qkv", "norm", "scalar", "empty", "steps", "scalar_bf16", "empty2", "mask", "fp8"]
     _write(path, keys if in_order else keys[::-1])
     with zipfile.ZipFile(path) as z:
-        assert ("x/.format_version" in z.namelist()) == in_order
+        assert ("archive/.format_version" in z.namelist()) == in_order
     cfg = torch.utils.serialization.config.load
     old = cfg.calculate_storage_offsets
     cfg.calculate_storage_offsets = True
@@ -142,7 +143,7 @@ def test_views_and_non_contiguous_inputs(tmp_path):
         for n, v in inputs.items():
             w.write(n, v)
     with zipfile.ZipFile(path) as z:  # a view writes only its own bytes, not the whole storage
-        assert z.getinfo("views/data/1").file_size == 2 * 8 * 4
+        assert z.getinfo("archive/data/1").file_size == 2 * 8 * 4
     loaded = torch.load(path, weights_only=True)
     for n, v in inputs.items():
         assert torch.equal(loaded[n], v) and loaded[n].is_contiguous(), n
