@@ -11,6 +11,7 @@ from .formats.detect import detect_format
 from .formats.hf import HFReader
 from .formats.megatron_args import config_from_args
 from .formats.megatron import open_megatron_reader
+from .inspect_deepspeed import inspect_deepspeed
 from .types import TensorMeta, dtype_name
 
 
@@ -61,6 +62,8 @@ def inspect_megatron(path: Path, iteration: str = "latest", fmt: str = "megatron
 INSPECTORS: dict[str, Callable[..., dict]] = {
     "hf": inspect_hf,
     "megatron_torch": inspect_megatron,
+    "deepspeed": inspect_deepspeed,
+    "megatron_torch_dist": lambda p, it: inspect_megatron(p, it, "megatron_torch_dist"),
 }
 
 

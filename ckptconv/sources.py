@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .engine.deepspeed_convert import open_deepspeed
 from .engine.megatron_as_hf import MegatronAsHF
 from .formats.detect import detect_format
 from .formats.hf import HFReader
@@ -22,6 +23,8 @@ def open_hf_view(src: str | Path, *, iteration: str | int = "latest", hf_config:
     fmt = detect_format(path)
     if fmt == "hf":
         return HFReader(path)
+    if fmt == "deepspeed":
+        return open_deepspeed(path, None if str(iteration) == "latest" else iteration, hf_config=hf_config, dtype=dtype)
     if fmt in MEGATRON_READERS:
         reader = open_megatron_reader(path, fmt, iteration)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..engine.convert import hf_to_megatron
+from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
 from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
 
@@ -23,7 +24,8 @@ def parse_iteration(value: str) -> int | str:
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree.")
 @click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage.")
-@click.option("--ckpt-format", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--ckpt-format", type=click.Choice(sorted(WRITERS)), default="torch_dist", show_default=True,
+              help="torch_dist: Megatron-Core distributed checkpoint (loads at any TP/PP); torch: per-rank files.")
 @click.option("--transformer-impl", type=click.Choice(IMPLS), default="transformer_engine", show_default=True,
               help="Key space of the norms (TE fused names, or the local spec's).")
 @dtype_option
@@ -40,7 +42,7 @@ def command(src, dst, tp, pp, vpp, ckpt_format, transformer_impl, dtype, divisib
             dry_run, overwrite, allow_nonfinite, as_json):
     """Convert a Hugging Face checkpoint (directory or cached hub id) to Megatron-Core."""
     summary = hf_to_megatron(src, dst, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl, dtype=dtype_arg(dtype),
-                             divisible_by=divisible_by, iteration=parse_iteration(iteration),
+                             divisible_by=divisible_by, iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
                              overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
                              show_progress=not as_json, cache_dir=cache_dir)
     text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")

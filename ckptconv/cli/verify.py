@@ -1,4 +1,4 @@
-"""`ckptconv verify A B`: exit 0 equivalent, 1 not equivalent, 2 input error."""
+"""`ckptconv verify A B`: exit 0 equivalent, 1 not equivalent, 2 usage or input error."""
 from __future__ import annotations
 
 import json
@@ -6,34 +6,49 @@ import sys
 
 import click
 
-from ..verify.compare import compare_checkpoints
+from ..engine.convert import load_hf_config_arg
+from ..verify.equivalence import verify_checkpoints
+from ..verify.junit import junit_xml
 from .common import debug_option, handle_errors
+
+
+def _write(dest: str, text: str) -> None:
+    if dest == "-":
+        click.echo(text, nl=False)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 @click.command("verify")
 @click.argument("a")
 @click.argument("b")
-@click.option("--json", "json_file", type=click.Path(), default=None, help="Write the JSON report here ('-' = stdout).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the JSON report here ('-' = stdout).")
+@click.option("--junit", "junit_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write a JUnit XML report (one test case per parameter) here ('-' = stdout).")
+@click.option("--logits", is_flag=True, help="Also run both models on fixed tokens and compare logits.")
 @click.option("--atol", type=float, default=None, help="Accept differences within this absolute tolerance.")
 @click.option("--rtol", type=float, default=None, help="Accept differences within this relative tolerance.")
-@click.option("--iteration", default="latest", show_default=True)
+@click.option("--iteration", default="latest", show_default=True, help="Megatron iteration: latest|release|N.")
+@click.option("--hf-config", type=click.Path(exists=True), default=None,
+              help="HF config.json (or its directory) for Megatron checkpoints that carry none.")
 @debug_option
 @handle_errors
-def command(a, b, json_file, atol, rtol, iteration):
-    """Compare two checkpoints (HF or Megatron, any TP/PP) parameter by parameter."""
-    report = compare_checkpoints(a, b, atol=atol, rtol=rtol, iteration=iteration)
-    data = report.to_dict()
-    if json_file == "-":
-        click.echo(json.dumps(data, indent=2))
-    elif json_file:
-        with open(json_file, "w") as f:
-            json.dump(data, f, indent=2)
-    if json_file != "-":
-        for r in report.results:
-            if not r.ok:
-                click.echo(f"DIFFERS {r.name}: {r.status} {r.rule} max_abs={r.max_abs:.3g} "
-                           f"n_diff={r.n_diff} {r.detail}".rstrip())
-        verdict = "equivalent" if report.equivalent else "NOT equivalent"
-        click.echo(f"{verdict}: {len(report.results)} tensors compared, "
-                   f"{sum(not r.ok for r in report.results)} failed")
+def command(a, b, json_file, junit_file, logits, atol, rtol, iteration, hf_config):
+    """Compare checkpoint B against A (HF or Megatron at any TP/PP, or a fingerprint manifest as
+    B) parameter by parameter; explain any difference."""
+    if json_file == "-" and junit_file == "-":
+        raise click.UsageError("--json - and --junit - cannot both write to stdout")
+    for v, flag in ((atol, "--atol"), (rtol, "--rtol")):
+        if v is not None and v < 0:
+            raise click.UsageError(f"{flag} must be >= 0")
+    report = verify_checkpoints(a, b, atol=atol, rtol=rtol, iteration=iteration,
+                                hf_config=load_hf_config_arg(hf_config), logits=logits)
+    if json_file:
+        _write(json_file, json.dumps(report.to_dict(), indent=2) + "\n")
+    if junit_file:
+        _write(junit_file, junit_xml(report))
+    if "-" not in (json_file, junit_file):
+        click.echo(report.text())
     sys.exit(0 if report.equivalent else 1)

@@ -16,21 +16,24 @@ from ..formats.atomic import atomic_output_dir
 from ..formats.detect import detect_format
 from ..formats.hf import HFReader, HFWriter
 from ..formats.hf_hub import resolve_hf_source
-from ..formats.megatron import megatron_writer, open_megatron_reader
+from ..errors import UnknownFormat
+from ..formats.megatron import WRITERS, megatron_writer, open_megatron_reader
 from ..formats.megatron_args import build_args
 from ..ops import get_op
 from ..plan.megatron_layout import MegatronLayout, pad_vocab_size
 from ..plan.output_shards import parse_size
 from ..plan.planner import plan_hf_to_megatron
 from ..types import TensorMeta, dtype_name
+from ..verify.manifest import ManifestBuilder
 from .checks import check_finite
+from .memory import release_freed_memory
 from .megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
 from .progress import progress
 
 
 def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                        impl: str = "transformer_engine", dtype: torch.dtype | None = None,
-                       divisible_by: int = 128, iteration: int | str = "release", ckpt_format: str = "torch",
+                       divisible_by: int = 128, iteration: int | str = "release", ckpt_format: str = "torch_dist",
                        overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
                        show_progress: bool = True, first_stage_layers: int | None = None,
                        last_stage_layers: int | None = None) -> dict:
@@ -43,12 +46,17 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
     plan = plan_hf_to_megatron(family, cfg, source.tensors(), layout, padded, dtype)
     summary = {"source": str(source.path), "destination": str(dst), "format": f"megatron_{ckpt_format}",
                **plan.summary()}
+    if ckpt_format not in WRITERS:
+        raise UnknownFormat(f"unknown Megatron checkpoint format {ckpt_format!r}", fix=f"use one of {sorted(WRITERS)}")
+    if ckpt_format != "torch":
+        summary.pop("files", None)      # per-rank files exist only in the per-rank torch format
     if dry_run:
         return summary
     main_dtype = dtype or plan.items[0].megatron.dtype
     args = build_args(cfg, layout, padded_vocab=padded, divisible_by=divisible_by, dtype=main_dtype,
                       impl=impl, iteration=0 if iteration == "release" else int(iteration))
     extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
+    fingerprints = ManifestBuilder.for_hf_config(hf_cfg)
     with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
         with megatron_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
                              impl=impl, tie_copy=cfg.tie_embeddings, extra=extra) as writer:
@@ -58,12 +66,16 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                     check_finite(m.name, x, source.path, allow_nonfinite)
                 t = get_op(item.op).forward(xs, plan.ctx)
                 writer.write(item.megatron.name, t.to(item.megatron.dtype))
+                for m, x in zip(item.hf, xs):       # what a reader of the output gets back
+                    fingerprints.add(m.name, x.to(item.megatron.dtype))
                 del xs, t
+                release_freed_memory()
         assets = tmp / HF_ASSETS_DIR
         assets.mkdir()
         (assets / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
         for f in source.asset_files():
             (assets / f.name).write_bytes(f.read_bytes())
+        fingerprints.write(tmp)
     return summary
 
 
@@ -86,15 +98,20 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
     if dtype is not None:
         config["dtype"] = dtype_name(dtype)
         config.pop("torch_dtype", None)
+    fingerprints = ManifestBuilder.for_hf_config(config)
     with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
         with HFWriter(tmp, metas, parse_size(max_shard_size)) as writer:
             for m in progress(metas, desc="to hf", enabled=show_progress):
                 t = source.read(m.name)
                 check_finite(m.name, t, source.path, allow_nonfinite)
-                writer.write(m.name, t.to(m.dtype))
+                t = t.to(m.dtype)
+                writer.write(m.name, t)
+                fingerprints.add(m.name, t)
                 del t
+                release_freed_memory()
             writer.write_config(config)
             writer.copy_assets(source.asset_files())
+        fingerprints.write(tmp)
     return summary
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UnknownFormat
+from .deepspeed_common import is_deepspeed
+from .megatron_dist import is_dist_checkpoint
 from .megatron_torch import LATEST, is_iteration_dir
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -26,6 +28,8 @@ def is_megatron_torch(p: Path) -> bool:
 
 SNIFFERS: list[tuple[str, Callable[[Path], bool]]] = [
     ("hf", is_hf),
+    ("deepspeed", is_deepspeed),    # after hf: an HF Trainer checkpoint-N/ with weights reads as HF
+    ("megatron_torch_dist", is_dist_checkpoint),
     ("megatron_torch", is_megatron_torch),
 ]
 

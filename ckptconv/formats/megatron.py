@@ -13,10 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownFormat
+from .megatron_dist import MegatronDistReader
+from .megatron_dist_write import MegatronDistWriter
 from .megatron_torch import MegatronTorchReader, MegatronTorchWriter
 
-READERS = {"megatron_torch": MegatronTorchReader}
-WRITERS = {"torch": MegatronTorchWriter}
+READERS = {"megatron_torch": MegatronTorchReader, "megatron_torch_dist": MegatronDistReader}
+WRITERS = {"torch": MegatronTorchWriter, "torch_dist": MegatronDistWriter}
 
 
 def open_megatron_reader(path: Path, fmt: str, iteration: str | int = "latest"):

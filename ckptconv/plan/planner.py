@@ -60,8 +60,8 @@ class Plan:
             "tensors_read": len(src), "bytes_read": sum(m.nbytes for m in src),
             "tensors_written": len(metas), "bytes_written": sum(m.nbytes for m in metas),
             "largest_tensor_bytes": self.largest_tensor_bytes(),
-            # one source tensor set + the transformed tensor + one rank's slice, at most
-            "memory_forecast_bytes": 3 * self.largest_tensor_bytes(),
+            # sources + transformed tensor + a rank slice + allocator slack: bench/ measured 3.7x
+            "memory_forecast_bytes": 4 * self.largest_tensor_bytes(),
             "ignored_source_tensors": self.ignored,
             "checks": self.checks(),
         }

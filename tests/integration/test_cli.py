@@ -56,7 +56,7 @@ def test_convert_both_ways_verify_and_inputs_untouched(hf_model_dir, tmp_path):
 
 def test_dry_run_writes_nothing(hf_model_dir, tmp_path):
     r = run("hf-to-megatron", hf_model_dir("llama-gqa"), tmp_path / "mg", "--tp", 4, "--pp", 2, "--vpp", 2,
-            "--dry-run", "--json")
+            "--dry-run", "--json", "--ckpt-format", "torch")
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
     assert s["layers_per_stage"] == [1, 1, 1, 1] and len(s["files"]) == 8
@@ -141,7 +141,8 @@ def test_inspect_json(hf_model_dir, tmp_path):
     src = hf_model_dir("qwen2")
     info = json.loads(run("inspect", src, "--json").output)
     assert info["format"] == "hf" and info["family"] == "qwen2" and info["num_tensors"] == 3 + 4 * 12
-    run("hf-to-megatron", src, tmp_path / "mg", "--tp", 2, "--pp", 2, "--vpp", 2, "--transformer-impl", "local")
+    run("hf-to-megatron", src, tmp_path / "mg", "--tp", 2, "--pp", 2, "--vpp", 2, "--transformer-impl", "local",
+        "--ckpt-format", "torch")
     info = json.loads(run("inspect", tmp_path / "mg", "--json").output)
     assert (info["tp"], info["pp"], info["vpp"], info["transformer_impl"]) == (2, 2, 2, "local")
     assert info["family"] == "qwen2" and info["padded_vocab_size"] == 256
@@ -165,7 +166,7 @@ def test_verify_exits_1_on_swapped_k_v(hf_model_dir, tmp_path):
 def test_numbered_iteration_and_broken_megatron_dirs(hf_model_dir, tmp_path):
     src = hf_model_dir("llama-gqa")
     mg = tmp_path / "mg"
-    assert run("hf-to-megatron", src, mg, "--tp", 2, "--pp", 2, "--iteration", 100).exit_code == 0
+    assert run("hf-to-megatron", src, mg, "--tp", 2, "--pp", 2, "--iteration", 100, "--ckpt-format", "torch").exit_code == 0
     assert (mg / "latest_checkpointed_iteration.txt").read_text() == "100"
     assert (mg / "iter_0000100" / "mp_rank_01_001" / "model_optim_rng.pt").is_file()
     assert run("megatron-to-hf", mg, tmp_path / "hf", "--iteration", 100).exit_code == 0
@@ -177,8 +178,8 @@ def test_numbered_iteration_and_broken_megatron_dirs(hf_model_dir, tmp_path):
 
 def test_mixed_iterations_refused(hf_model_dir, tmp_path):
     src = hf_model_dir("llama-gqa")
-    run("hf-to-megatron", src, tmp_path / "a", "--tp", 2, "--iteration", 10)
-    run("hf-to-megatron", src, tmp_path / "b", "--tp", 2, "--iteration", 20)
+    run("hf-to-megatron", src, tmp_path / "a", "--tp", 2, "--iteration", 10, "--ckpt-format", "torch")
+    run("hf-to-megatron", src, tmp_path / "b", "--tp", 2, "--iteration", 20, "--ckpt-format", "torch")
     shutil.copy(tmp_path / "b" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt",
                 tmp_path / "a" / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt")
     one_line_error(run("megatron-to-hf", tmp_path / "a", tmp_path / "hf"), "mixed iterations", "mp_rank_01")

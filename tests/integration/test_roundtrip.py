@@ -38,7 +38,7 @@ def assert_same_hf(a, b):
 def test_hf_megatron_hf_bit_exact(hf_model_dir, tmp_path, variant, dtype, tp, pp, vpp):
     src = hf_model_dir(variant, dtype)
     mg, back = tmp_path / "mg", tmp_path / "hf"
-    hf_to_megatron(src, mg, tp=tp, pp=pp, vpp=vpp, show_progress=False)
+    hf_to_megatron(src, mg, tp=tp, pp=pp, vpp=vpp, ckpt_format="torch", show_progress=False)
     with MegatronTorchReader(mg) as r:
         assert (r.layout.tp, r.layout.pp, r.layout.vpp) == (tp, pp, vpp)
     megatron_to_hf(mg, back, show_progress=False)
@@ -61,7 +61,7 @@ def _rank_file(root, tp, pp, pp_size):
 def test_rank_files_load_with_torch_and_have_megatron_layout(hf_model_dir, tmp_path):
     """Per-rank files are plain torch.save files with Megatron's local layout (checked by hand)."""
     src = hf_model_dir("qwen2")
-    hf_to_megatron(src, tmp_path / "mg", tp=2, pp=2, impl="local", show_progress=False)
+    hf_to_megatron(src, tmp_path / "mg", tp=2, pp=2, impl="local", ckpt_format="torch", show_progress=False)
     assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").read_text() == "release"
     full = hf_tensors(src)
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -98,7 +98,7 @@ def test_transformer_engine_and_local_key_spaces(hf_model_dir, tmp_path):
     src = hf_model_dir("llama-gqa")
     for impl, norm in (("transformer_engine", "self_attention.linear_qkv.layer_norm_weight"),
                        ("local", "input_layernorm.weight")):
-        hf_to_megatron(src, tmp_path / impl, impl=impl, show_progress=False)
+        hf_to_megatron(src, tmp_path / impl, impl=impl, ckpt_format="torch", show_progress=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             sd = torch.load(_rank_file(tmp_path / impl, 0, 0, 1), weights_only=True)["model"]
         assert f"decoder.layers.0.{norm}" in sd
@@ -110,8 +110,8 @@ def test_transformer_engine_and_local_key_spaces(hf_model_dir, tmp_path):
 
 def test_tied_embedding_copy_on_last_stage(hf_model_dir, tmp_path):
     src = hf_model_dir("llama-tied")
-    hf_to_megatron(src, tmp_path / "pp1", tp=2, show_progress=False)
-    hf_to_megatron(src, tmp_path / "pp2", tp=2, pp=2, show_progress=False)
+    hf_to_megatron(src, tmp_path / "pp1", tp=2, ckpt_format="torch", show_progress=False)
+    hf_to_megatron(src, tmp_path / "pp2", tp=2, pp=2, ckpt_format="torch", show_progress=False)
     with torch.serialization.safe_globals([argparse.Namespace]):
         pp1 = torch.load(_rank_file(tmp_path / "pp1", 1, 0, 1), weights_only=True)["model"]
         first = torch.load(_rank_file(tmp_path / "pp2", 1, 0, 2), weights_only=True)["model"]

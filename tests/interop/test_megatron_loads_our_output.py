@@ -27,26 +27,26 @@ def max_diff_vs_hf(mg_dir, hf_dir) -> float:
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_megatron_core_logits_match_transformers(hf_model_dir, tmp_path, variant, tp, pp):
     src = hf_model_dir(variant)
-    hf_to_megatron(src, tmp_path / "mg", tp=tp, pp=pp, impl="local", show_progress=False)
+    hf_to_megatron(src, tmp_path / "mg", tp=tp, pp=pp, impl="local", ckpt_format="torch", show_progress=False)
     assert max_diff_vs_hf(tmp_path / "mg", src) < 1e-4
 
 
 def test_llama3_rope_scaling_and_virtual_pipeline(hf_model_dir, tmp_path):
     src = hf_model_dir("llama3-rope")
-    hf_to_megatron(src, tmp_path / "mg", tp=1, pp=2, vpp=2, impl="local", show_progress=False)
+    hf_to_megatron(src, tmp_path / "mg", tp=1, pp=2, vpp=2, impl="local", ckpt_format="torch", show_progress=False)
     assert max_diff_vs_hf(tmp_path / "mg", src) < 1e-4
 
 
 def test_transformer_engine_key_space_loads(hf_model_dir, tmp_path):
     src = hf_model_dir("llama-gqa")
-    hf_to_megatron(src, tmp_path / "mg", tp=2, pp=2, show_progress=False)
+    hf_to_megatron(src, tmp_path / "mg", tp=2, pp=2, ckpt_format="torch", show_progress=False)
     assert max_diff_vs_hf(tmp_path / "mg", src) < 1e-4
 
 
 def test_swapped_k_v_fails_the_same_check(hf_model_dir, tmp_path):
     """A deliberately wrong layout: k and v rows swapped in query group 1 of one layer."""
     src = hf_model_dir("llama-gqa")
-    hf_to_megatron(src, tmp_path / "mg", tp=2, pp=1, impl="local", show_progress=False)
+    hf_to_megatron(src, tmp_path / "mg", tp=2, pp=1, impl="local", ckpt_format="torch", show_progress=False)
     path = tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
     with torch.serialization.safe_globals([argparse.Namespace]):
         ck = torch.load(path, weights_only=True)

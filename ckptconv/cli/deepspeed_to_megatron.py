@@ -1,0 +1,46 @@
+"""`ckptconv deepspeed-to-megatron SRC DST --tp T --pp P`"""
+from __future__ import annotations
+
+import click
+
+from ..engine.deepspeed_convert import deepspeed_to_megatron
+from ..formats.deepspeed_zero import WEIGHTS
+from ..formats.megatron import WRITERS
+from ..formats.megatron_names import IMPLS
+from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
+from .hf_to_megatron import parse_iteration
+
+
+@click.command("deepspeed-to-megatron")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path())
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree.")
+@click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage.")
+@click.option("--ckpt-format", type=click.Choice(sorted(WRITERS)), default="torch_dist", show_default=True,
+              help="torch_dist: Megatron-Core distributed checkpoint (loads at any TP/PP); torch: per-rank files.")
+@click.option("--tag", default=None, help="Checkpoint tag (default: the one named in 'latest').")
+@click.option("--weights", type=click.Choice(WEIGHTS), default="master", show_default=True,
+              help="master: fp32 masters from the optimizer partitions; module: the saved module weights.")
+@click.option("--hf-config", type=click.Path(exists=True), default=None,
+              help="HF config.json (or its directory); default: the config.json next to the checkpoint.")
+@click.option("--transformer-impl", type=click.Choice(IMPLS), default="transformer_engine", show_default=True)
+@dtype_option
+@click.option("--make-vocab-size-divisible-by", "divisible_by", type=int, default=128, show_default=True)
+@click.option("--iteration", default="release", show_default=True, help="'release' or an iteration number.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
+@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@json_option
+@debug_option
+@handle_errors
+def command(src, dst, tp, pp, vpp, ckpt_format, tag, weights, hf_config, transformer_impl, dtype, divisible_by, iteration,
+            dry_run, overwrite, allow_nonfinite, as_json):
+    """Convert a DeepSpeed checkpoint (ZeRO 1/2/3, BF16_Optimizer, Megatron-DeepSpeed) to Megatron-Core."""
+    summary = deepspeed_to_megatron(src, dst, tag=tag, weights=weights, hf_config=hf_config, tp=tp, pp=pp, vpp=vpp,
+                                    impl=transformer_impl, dtype=dtype_arg(dtype), divisible_by=divisible_by,
+                                    iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
+                                    overwrite=overwrite, dry_run=dry_run,
+                                    allow_nonfinite=allow_nonfinite, show_progress=not as_json)
+    head = f"deepspeed tag {summary.get('tag')}, weights {summary.get('weights')}"
+    emit(summary, as_json, head + "\n" + plan_text(summary) + ("" if dry_run else f"\nwrote {dst}"))

@@ -1,0 +1,153 @@
+"""The storage layer of a `torch.distributed.checkpoint` directory, read lazily and by region.
+
+`DcpStore(directory)` loads the checked `.metadata` (see `dcp_metadata`) and reads
+
+* `read(fqn, offsets, sizes)`: any box of a global tensor, assembled from the stored chunks
+  that overlap it. Each chunk is a `torch.save` record at (file, offset, length) inside a
+  `__R_K.distcp` file; it is opened through our safe unpickler (`TorchFile` over a window of
+  the file) and only the bytes of the part that is needed are read (`LazyTensor.load_slice`
+  along the first dimension the box cuts; exact for dim 0);
+* `read_object(fqn)`: a BYTES item (Megatron stores `torch.save([obj])` there), safely.
+
+No process group, no `torch.load`, no megatron. Not thread-safe (one handle per file).
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+from ..errors import CorruptCheckpoint
+from .dcp_metadata import load_metadata
+from .safe_pickle import LazyTensor, TorchFile
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + length) of a shared file handle, as a seekable file."""
+
+    def __init__(self, fh: BinaryIO, offset: int, length: int):
+        super().__init__()
+        self._fh, self._base, self._len, self._pos = fh, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self._len - self._pos))
+        if not n:
+            return 0
+        self._fh.seek(self._base + self._pos)
+        got = self._fh.readinto(memoryview(buf)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:  # the shared handle stays open; DcpStore.close() closes it
+        super().close()
+
+
+class DcpStore:
+    def __init__(self, directory: Path, *, opener: Callable[[Path], BinaryIO] | None = None):
+        self.directory = Path(directory)
+        self.metadata = load_metadata(self.directory)
+        self._opener = opener or (lambda p: open(p, "rb"))  # noqa: SIM115
+        self._handles: dict[str, BinaryIO] = {}
+        self._tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                         if isinstance(v, TensorStorageMetadata)}
+
+    def tensor_metadata(self) -> dict[str, TensorStorageMetadata]:
+        return dict(self._tensors)
+
+    def bytes_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+
+    def _window(self, index: MetadataIndex) -> tuple[_Window, Path]:
+        info = self.metadata.storage_data[index]
+        path = self.directory / info.relative_path
+        fh = self._handles.get(info.relative_path)
+        if fh is None:
+            try:
+                fh = self._handles[info.relative_path] = self._opener(path)
+            except OSError as e:
+                raise CorruptCheckpoint(f"cannot open data file ({e.strerror or e})", path=path, tensor=index.fqn,
+                                        fix="copy the complete checkpoint directory") from None
+        size = fh.seek(0, 2)
+        if info.offset + info.length > size:
+            raise CorruptCheckpoint(f"record {info.offset}+{info.length} lies beyond the end of the file "
+                                    f"({size} bytes)", path=path, tensor=index.fqn, fix="re-copy the file")
+        return _Window(fh, info.offset, info.length), path
+
+    def _record(self, fqn: str, offsets) -> LazyTensor:
+        window, path = self._window(MetadataIndex(fqn, offsets))
+        f = TorchFile(f"{path}@{window._base}", opener=lambda _p: window)
+        if not isinstance(f.obj, LazyTensor):
+            raise CorruptCheckpoint(f"record holds a {type(f.obj).__name__}, not a tensor", path=path,
+                                    tensor=fqn, fix="the checkpoint is corrupt")
+        return f.obj
+
+    def read(self, fqn: str, offsets: tuple[int, ...] | None = None,
+             sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The box ``offsets``/``sizes`` (default: all) of global tensor ``fqn``."""
+        md = self._tensors[fqn]
+        shape = tuple(md.size)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+        sizes = tuple(sizes) if sizes is not None else shape
+        out: torch.Tensor | None = None
+        covered = 0
+        for chunk in md.chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if any(a >= b for a, b in zip(lo, hi)) and shape:
+                continue
+            lazy = self._record(fqn, chunk.offsets)
+            if tuple(lazy.shape) != tuple(chunk.sizes) or lazy.dtype != md.properties.dtype:
+                raise CorruptCheckpoint(f"record is {tuple(lazy.shape)} {lazy.dtype}, metadata says "
+                                        f"{tuple(chunk.sizes)} {md.properties.dtype}", path=self.directory,
+                                        tensor=fqn, fix="the checkpoint is corrupt")
+            local = [(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets)]
+            cut = next((d for d, (a, b) in enumerate(local) if b - a != chunk.sizes[d]), None)
+            part = lazy.load() if cut is None else lazy.load_slice(cut, *local[cut])
+            for d, (a, b) in enumerate(local):
+                if d != cut and b - a != chunk.sizes[d]:
+                    part = part.narrow(d, a, b - a)
+            if tuple(lo) == offsets and tuple(hi) == tuple(o + s for o, s in zip(offsets, sizes)):
+                return part.contiguous()    # one chunk holds the whole box: no assembly copy
+            if out is None:
+                out = torch.empty(sizes, dtype=md.properties.dtype)
+            dst = out
+            for d, (a, b) in enumerate(zip(lo, hi)):
+                dst = dst.narrow(d, a - offsets[d], b - a)
+            dst.copy_(part)
+            covered += math.prod(b - a for a, b in zip(lo, hi))
+        if covered != math.prod(sizes) or out is None:
+            raise CorruptCheckpoint(f"stored chunks cover {covered} of the {math.prod(sizes)} elements asked for "
+                                    f"(box {offsets}+{sizes})", path=self.directory, tensor=fqn,
+                                    fix="copy the complete checkpoint directory")
+        return out
+
+    def read_object(self, fqn: str):
+        """A BYTES item unpickled safely (a `torch.save` payload); None if it is not one."""
+        window, path = self._window(MetadataIndex(fqn))
+        try:
+            return TorchFile(f"{path}@{window._base}", opener=lambda _p: window).obj
+        except CorruptCheckpoint:
+            return None
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}

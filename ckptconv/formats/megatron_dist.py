@@ -1,0 +1,237 @@
+"""Megatron-Core distributed checkpoints (`--ckpt-format torch_dist`): Reader.
+
+    ROOT/latest_checkpointed_iteration.txt   "release" or N (optional: ROOT may be ITER_DIR)
+    ROOT/release/ | ROOT/iter_%07d/  (ITER_DIR)
+        metadata.json    {"sharded_backend": "torch_dist", ...}
+        common.pt        torch.save of the non-sharded state: args, checkpoint_version, iteration, ...
+        .metadata        torch.distributed.checkpoint Metadata: global shapes, chunks, storage
+        __R_K.distcp     data records
+
+Stored keys are global and independent of TP/PP: `decoder.layers.<module>.<param>` has a
+leading axis over all layers, fc1 is `[gate_full; up_full]`, embeddings are padded-vocab rows.
+The reader exposes Megatron *logical* tensors (see `formats/megatron.py`): per global layer
+`decoder.layers.{i}.<module>.<param>` (a slice of the stacked tensor, read without reading the
+other layers), TE names, TP=1 layout. Optimizer, RNG and scheduler state are never read as
+model tensors; they are listed in `common` / `other_state`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+from ..errors import CorruptCheckpoint, LayoutError, MissingTensors, UnknownFormat
+from ..plan.megatron_layout import MegatronLayout
+from ..types import TensorMeta
+from .dcp_slices import DcpStore
+from .megatron_args import layout_from_args
+from .megatron_names import to_canonical
+from .megatron_torch import LATEST, iteration_dir_name
+from .safe_pickle import TorchFile
+
+METADATA_JSON = "metadata.json"
+COMMON_FILE = "common.pt"
+BACKEND = "torch_dist"
+STACKED = re.compile(r"^decoder\.layers\.(?!\d)(.+)$")
+SHARD = re.compile(r"^(?P<key>[^/]+)/shard_(?P<offset>[\d.]+)_(?P<shape>[\d.]+)$")
+# top-level groups of Megatron-LM training state; never model weights
+TRAINING_STATE = ("optimizer", "rng_state", "opt_param_scheduler", "rerun_state_machine")
+
+
+def dist_backend(path: Path) -> str | None:
+    """The `sharded_backend` named by ``path``/metadata.json, or None if there is none."""
+    f = Path(path) / METADATA_JSON
+    if not f.is_file():
+        return None
+    try:
+        backend = json.loads(f.read_text()).get("sharded_backend")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return backend if isinstance(backend, str) else None
+
+
+def is_dist_checkpoint(path: Path) -> bool:
+    """A distributed-checkpoint iteration directory, or a root whose tracker / iter_* / release
+    directory is one (checked from file names and metadata.json only)."""
+    p = Path(path)
+    if dist_backend(p):
+        return True
+    marker = p / LATEST
+    if marker.is_file():
+        name = marker.read_text().strip()
+        if name == "release" or name.isdigit():
+            target = p / iteration_dir_name(name if name == "release" else int(name))
+            if target.is_dir():
+                return dist_backend(target) is not None
+    return any(dist_backend(c) for c in p.iterdir() if c.is_dir() and (c.name == "release" or c.name.startswith("iter_")))
+
+
+def resolve_dist_iteration_dir(root: Path, iteration: str | int = "latest") -> Path:
+    root = Path(root)
+    if dist_backend(root):
+        return root
+    if str(iteration) == "latest":
+        marker = root / LATEST
+        if not marker.is_file():
+            raise CorruptCheckpoint(f"no {LATEST} in a Megatron checkpoint root", path=root,
+                                    fix="pass --iteration release|N, or point at the iter_* directory")
+        iteration = marker.read_text().strip()
+    try:
+        name = iteration_dir_name("release" if str(iteration) == "release" else int(iteration))
+    except ValueError:
+        raise CorruptCheckpoint(f"iteration {str(iteration)[:40]!r} is neither 'release' nor a number",
+                                path=root / LATEST, fix="pass --iteration release|N") from None
+    path = root / name
+    if not dist_backend(path):
+        raise MissingTensors(f"iteration directory {name} is missing or has no {METADATA_JSON}", path=path,
+                             fix=f"check {LATEST} or pass --iteration")
+    return path
+
+
+class MegatronDistReader:
+    """Lazily reads a torch_dist checkpoint: metadata and common.pt at open time, bytes on read."""
+
+    format = "megatron_torch_dist"
+
+    def __init__(self, root: Path, iteration: str | int = "latest", *,
+                 opener: Callable[[Path], BinaryIO] | None = None):
+        self.root = Path(root)
+        self.iter_dir = resolve_dist_iteration_dir(self.root, iteration)
+        backend = dist_backend(self.iter_dir)
+        if backend != BACKEND:
+            raise UnknownFormat(f"distributed checkpoint backend {backend!r} is not supported (only {BACKEND!r})",
+                                path=self.iter_dir / METADATA_JSON,
+                                fix="re-save with --ckpt-format torch_dist (Megatron-LM can convert with "
+                                    "--ckpt-convert-format)")
+        self._common_file: TorchFile | None = None
+        self._store: DcpStore | None = None
+        try:
+            self._open(opener)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, opener) -> None:
+        common_path = self.iter_dir / COMMON_FILE
+        if not common_path.is_file():
+            raise MissingTensors(f"no {COMMON_FILE} in the checkpoint", path=common_path,
+                                 fix="copy the complete checkpoint directory")
+        self._common_file = TorchFile(common_path)
+        common = self._common_file.obj
+        if not isinstance(common, dict):
+            raise CorruptCheckpoint(f"{COMMON_FILE} holds a {type(common).__name__}, not a dict", path=common_path,
+                                    fix="the file is not a Megatron common state")
+        self._store = DcpStore(self.iter_dir, opener=opener)
+        self.args = common.get("args")
+        self.meta: dict = common.get("ckptconv") or {}
+        self.iteration = common.get("iteration")
+        self.impl = "transformer_engine"     # distributed checkpoints always use the TE key space
+        self._catalog()
+        if self.args is None:
+            raise CorruptCheckpoint(f"no 'args' in {COMMON_FILE}", path=common_path,
+                                    fix="checkpoints without Megatron-LM args are not supported")
+        self.layout: MegatronLayout = layout_from_args(self.args)
+        self.layout.check()
+        if self._num_layers is not None and self._num_layers != self.layout.num_layers:
+            raise LayoutError(f"stacked layer tensors hold {self._num_layers} layers, args.num_layers is "
+                              f"{self.layout.num_layers}", path=self.iter_dir, fix="the checkpoint is inconsistent")
+        # common.pt plus one entry per group of sharded training state it does not already hold
+        self.common: dict[str, Any] = dict(common)
+        for group, keys in self.sharded_state.items():
+            self.common.setdefault(group, argparse.Namespace(sharded_keys=keys))
+
+    def _catalog(self) -> None:
+        self._where: dict[str, tuple[str, int | None]] = {}   # logical name -> (stored key, layer)
+        self._metas: dict[str, TensorMeta] = {}
+        self.extra_state: list[str] = []
+        self.sharded_state: dict[str, list[str]] = {}
+        self._num_layers: int | None = None
+        for key, md in sorted(self._store.tensor_metadata().items()):
+            group = re.split(r"[./]", key, maxsplit=1)[0]
+            if group in TRAINING_STATE:
+                self.sharded_state.setdefault(group, []).append(key)
+                continue
+            shape, dtype = tuple(md.size), md.properties.dtype
+            m = STACKED.match(key)
+            if m is None:
+                self._add(to_canonical(key), key, None, shape, dtype)
+                continue
+            if not shape:
+                raise CorruptCheckpoint("stacked layer tensor has no layer axis", path=self.iter_dir, tensor=key,
+                                        fix="the checkpoint is corrupt")
+            if self._num_layers not in (None, shape[0]):
+                raise LayoutError(f"stacked tensors disagree on the number of layers ({self._num_layers} vs "
+                                  f"{shape[0]})", path=self.iter_dir, tensor=key, fix="the checkpoint is corrupt")
+            self._num_layers = shape[0]
+            for i in range(shape[0]):
+                self._add(to_canonical(f"decoder.layers.{i}.{m.group(1)}"), key, i, shape[1:], dtype)
+        for key in sorted(self._store.bytes_keys()):
+            group = re.split(r"[./]", key, maxsplit=1)[0]
+            m = SHARD.match(key)
+            if group not in TRAINING_STATE and m and m.group("key").endswith("._extra_state"):
+                base, offset = m.group("key"), m.group("offset").split(".")
+                s = STACKED.match(base)
+                self.extra_state.append(f"decoder.layers.{offset[0]}.{s.group(1)}" if s else base)
+            else:
+                self.sharded_state.setdefault(group, []).append(key)
+
+    def _add(self, name: str, key: str, layer: int | None, shape: tuple, dtype: torch.dtype) -> None:
+        if name in self._metas:
+            raise LayoutError("tensor appears twice", path=self.iter_dir, tensor=name,
+                              fix="the checkpoint is corrupt")
+        self._where[name] = (key, layer)
+        self._metas[name] = TensorMeta(name, tuple(shape), dtype)
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        return dict(self._metas)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The full logical tensor (one layer of a stacked tensor: only that layer's bytes)."""
+        return self.read_slice(name)
+
+    def read_slice(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``read(name)`` narrowed to ``start:stop`` along ``dim``, reading only the chunks (and
+        within a chunk only the rows) that hold it."""
+        meta = self._metas.get(name)
+        if meta is None:
+            raise MissingTensors("no such tensor in the checkpoint", path=self.iter_dir, tensor=name,
+                                 fix="run `ckptconv inspect --tensors` to list the tensors")
+        key, layer = self._where[name]
+        sizes = list(meta.shape)
+        offsets = [0] * len(sizes)
+        if dim is not None:
+            stop = sizes[dim] if stop is None else stop
+            if not 0 <= start <= stop <= sizes[dim]:
+                raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
+            offsets[dim], sizes[dim] = start, stop - start
+        if layer is None:
+            return self._store.read(key, offsets, sizes)
+        return self._store.read(key, [layer, *offsets], [1, *sizes])[0]
+
+    def read_extra_state(self, name: str) -> Any:
+        """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""
+        m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+        stem = f"decoder.layers.{m.group(2)}" if m else name
+        for key in self._store.bytes_keys():
+            s = SHARD.match(key)
+            if s and s.group("key") == stem and (not m or s.group("offset").split(".")[0] == m.group(1)):
+                obj = self._store.read_object(key)
+                return obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
+        raise MissingTensors("no such _extra_state entry", path=self.iter_dir, tensor=name,
+                             fix="run `ckptconv inspect` to list the entries")
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        if self._common_file is not None:
+            self._common_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

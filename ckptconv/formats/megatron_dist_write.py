@@ -1,0 +1,258 @@
+"""Megatron-Core distributed checkpoints (`torch_dist`): streaming Writer.
+
+What is written (what `megatron.core.dist_checkpointing.load` reads at any TP/PP):
+    ROOT/latest_checkpointed_iteration.txt
+    ROOT/release | ROOT/iter_%07d/
+        __0_K.distcp   one torch DCP record file per write item (see "Memory" below)
+        .metadata      written by torch's FileSystemWriter
+        common.pt      {"args", "checkpoint_version": 3.0, "iteration", "ckptconv"}
+        metadata.json  written last: Megatron's marker of a complete checkpoint
+Keys are global: per-layer logical tensors become chunks (offset = global layer) of the stacked
+`decoder.layers.<module>.<param>`; fc1 keeps the logical [gate; up] layout (= Megatron's
+stored [gate_full; up_full]); `_extra_state` objects are BYTES items holding `torch.save([None])`
+(Megatron's ShardedObject payload, not pickled a second time), for every Transformer Engine
+module of every layer, so both TE and local-spec models find theirs. A tied embedding is stored
+once: Megatron's last stage loads its output layer from `embedding.word_embeddings.weight`.
+
+Memory. torch's `FileSystemWriter` pulls every item from the save planner
+(`SavePlanner.resolve_data`) when it writes it. Our planner plans all items from the metas
+alone and resolves a tensor item by waiting for the engine's `write()` of that tensor: the DCP
+save runs in one background thread, and `write(name, t)` hands `t` over through a one-slot
+rendezvous (`_Handoff`) and returns once the storage writer has taken it. The engine writes in
+plan order, so at most the tensor being serialised and the one being produced are alive; a write
+out of plan order is held until it is asked for (correct, just not bounded). torch 2.13's
+writer keeps every tensor of one file alive until that file is closed, so we ask for one file per
+item (`single_file_per_rank=False`): its peak is one tensor, not the model.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, StorageMeta,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from ..errors import LayoutError, MissingTensors
+from ..plan.megatron_layout import LAYER_RE, MegatronLayout
+from ..types import TensorMeta
+from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON
+from .megatron_names import EXTRA_STATE_MODULES
+from .megatron_torch import LATEST, iteration_dir_name
+
+CHECKPOINT_CONFIG = {"sharded_backend": BACKEND, "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
+
+
+def _none_payload() -> bytes:
+    buf = io.BytesIO()
+    torch.save([None], buf)
+    return buf.getvalue()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Handoff:
+    """One-slot rendezvous between the engine (put) and torch's storage writer (take)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._pending: dict[str, torch.Tensor] = {}
+        self._wanted: str | None = None
+        self._closing = False
+        self.error: BaseException | None = None
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        with self._cv:
+            self._check()
+            self._pending[name] = tensor
+            self._cv.notify_all()
+            while name in self._pending and self.error is None and not (
+                    self._wanted not in (None, name) and self._wanted not in self._pending):
+                self._cv.wait()
+            self._check()
+
+    def take(self, name: str) -> torch.Tensor:
+        with self._cv:
+            self._wanted = name
+            self._cv.notify_all()
+            while name not in self._pending:
+                if self.error is not None:
+                    raise _Aborted()
+                if self._closing:
+                    raise MissingTensors("planned tensor was never written", tensor=name,
+                                         fix="the conversion stopped early; nothing was kept")
+                self._cv.wait()
+            self._wanted = None
+            self._cv.notify_all()
+            return self._pending.pop(name)
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cv:
+            if self.error is None:
+                self.error = exc
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+
+    def _check(self) -> None:
+        if self.error is not None and not isinstance(self.error, _Aborted):
+            raise self.error
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans the given write items (no state dict); resolves each one only when asked."""
+
+    def __init__(self, items: list[WriteItem], resolve):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._items, self._resolve = items, resolve
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(list(self._items))
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        return self._resolve(write_item)
+
+
+class _FileSystemWriter(dcp.FileSystemWriter):
+    def storage_meta(self) -> StorageMeta:
+        return StorageMeta()   # we write into a temporary directory that is renamed: record no path
+
+
+class MegatronDistWriter:
+    """The Megatron writer interface (see `formats/megatron.py`). ``impl``, ``tie_copy`` and
+    ``gated_mlp`` are accepted for parity with the per-rank writer and change nothing: stored keys
+    are always TE names, a tied output layer is never stored, fc1 keeps its logical layout."""
+
+    def __init__(self, out_root: Path, layout: MegatronLayout, metas: list[TensorMeta], *, args: Any,
+                 iteration: int | str, impl: str, tie_copy: bool, gated_mlp: bool = True,
+                 extra: dict | None = None):
+        self.out_root, self.layout, self.iteration = Path(out_root), layout, iteration
+        self.iter_dir = self.out_root / iteration_dir_name(iteration)
+        self._metas = {m.name: m for m in metas}
+        self._common = {"args": _dist_args(args), "checkpoint_version": 3.0,
+                        "iteration": 0 if iteration == "release" else int(iteration), "ckptconv": extra or {}}
+        items = self._plan(metas, layout.num_layers)
+        self._by_index = {(it.index.fqn, tuple(it.index.offset or ())): name for name, it in items.items()}
+        self._stacked = {name for name, it in items.items() if it.type == WriteItemType.SHARD}
+        extra_items = [WriteItem(MetadataIndex(f"decoder.layers.{mod}._extra_state/shard_{i}_{layout.num_layers}"),
+                                 WriteItemType.BYTE_IO)
+                       for i in range(layout.num_layers) for mod in EXTRA_STATE_MODULES["transformer_engine"]]
+        self._payload = _none_payload()
+        self._written: set[str] = set()
+        self._handoff = _Handoff()
+        self._failure: BaseException | None = None
+        planner = _LazySavePlanner(extra_items + list(items.values()), self._resolve)
+        storage = _FileSystemWriter(self.iter_dir, single_file_per_rank=False, sync_files=False,
+                                    thread_count=1, per_thread_copy_ahead=0)
+        self._thread = threading.Thread(target=self._save, args=(planner, storage), daemon=True,
+                                        name="ckptconv-dcp-writer")
+        self._thread.start()
+
+    @staticmethod
+    def _plan(metas: list[TensorMeta], num_layers: int) -> dict[str, WriteItem]:
+        """One write item per logical tensor: a chunk of its stacked key, or the whole key."""
+        items: dict[str, WriteItem] = {}
+        groups: dict[str, dict[int, TensorMeta]] = {}
+        for m in metas:
+            match = LAYER_RE.match(m.name)
+            if match:
+                groups.setdefault(f"decoder.layers.{match.group(2)}", {})[int(match.group(1))] = m
+            else:
+                items[m.name] = _item(m.name, (0,) * len(m.shape), m.shape, m.shape, m.dtype, WriteItemType.TENSOR)
+        for fqn, layers in groups.items():
+            first = next(iter(layers.values()))
+            if sorted(layers) != list(range(num_layers)):
+                missing, extra = sorted(set(range(num_layers)) - set(layers)), sorted(set(layers) - set(range(num_layers)))
+                raise LayoutError(f"stacked key needs layers 0..{num_layers - 1}: missing {missing}, beyond {extra}",
+                                  tensor=fqn, fix="every layer must have the same tensors")
+            for i, m in layers.items():
+                if m.shape != first.shape or m.dtype != first.dtype:
+                    raise LayoutError(f"layer {i} is {m.shape} {m.dtype}, layer {next(iter(layers))} is "
+                                      f"{first.shape} {first.dtype}", tensor=m.name,
+                                      fix="layers of one stacked key must share shape and dtype")
+                items[m.name] = _item(fqn, (i,) + (0,) * len(m.shape), (1, *m.shape), (num_layers, *m.shape),
+                                      m.dtype, WriteItemType.SHARD)
+        order = {m.name: k for k, m in enumerate(metas)}
+        return dict(sorted(items.items(), key=lambda kv: order[kv[0]]))     # the engine's writing order
+
+    def _save(self, planner: _LazySavePlanner, storage: _FileSystemWriter) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # no_dist is meant
+                dcp.save({}, storage_writer=storage, planner=planner, no_dist=True)
+        except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
+            if isinstance(e, CheckpointException) and e.failures:
+                e = next(iter(e.failures.values()))[0]
+            self._failure = e
+            self._handoff.fail(e)
+
+    def _resolve(self, item: WriteItem) -> Any:
+        if item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._payload)
+        name = self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
+        t = self._handoff.take(name)
+        return t.unsqueeze(0) if name in self._stacked else t
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        meta = self._metas.get(name)
+        if meta is None:
+            raise LayoutError("tensor is not in the plan", tensor=name, fix="this is a bug in the caller")
+        if tuple(tensor.shape) != meta.shape:
+            raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
+        if name in self._written:
+            raise LayoutError("tensor written twice", tensor=name)
+        self._written.add(name)
+        self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
+
+    def close(self) -> None:
+        self._handoff.close()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        torch.save(self._common, self.iter_dir / COMMON_FILE)
+        (self.iter_dir / METADATA_JSON).write_text(json.dumps(CHECKPOINT_CONFIG))
+        (self.out_root / LATEST).write_text(str(self.iteration))
+
+    def abort(self) -> None:
+        self._handoff.fail(_Aborted())
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _item(fqn: str, offsets, sizes, size, dtype: torch.dtype, kind: WriteItemType) -> WriteItem:
+    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+    return WriteItem(MetadataIndex(fqn, torch.Size(offsets)), kind,
+                     tensor_data=TensorWriteData(chunk, TensorProperties(dtype=dtype), torch.Size(size)))
+
+
+def _dist_args(args: Any) -> Any:
+    """A copy of ``args`` that says what was written (the caller's Namespace is not touched)."""
+    if not isinstance(args, argparse.Namespace):
+        return args
+    out = argparse.Namespace(**vars(args))
+    out.ckpt_format, out.use_dist_ckpt = BACKEND, True
+    return out

@@ -1,0 +1,196 @@
+"""`verify A B`: structural check, then every parameter group compared in one common layout,
+streaming (each checkpoint read once, one group in flight per side while the previous one is
+compared), then diagnoses, then (optionally) the logits tier."""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from ..errors import LayoutError
+from ..plan.megatron_layout import tp_kind
+from .compare import TensorResult, compare_tensor, rule_for, sketch
+from .diagnose import Context, diagnose, group_label
+from .diagnose_layers import both_ways, split_layer
+from .groups import Group, common_space, hf_groups, megatron_groups
+from .manifest import model_fields
+from .report import Report
+from .sides import open_side
+from .walk import Walker
+
+MAX_NEIGHBOUR_READS = 256      # A tensors re-read at most to name a layer offset
+
+
+def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = None, rtol: float | None = None,
+                       iteration: str | int = "latest", hf_config: dict | None = None,
+                       logits: bool = False) -> Report:
+    """Compare checkpoint (or manifest) B against A; see docs/verification.md."""
+    t0 = time.perf_counter()
+    report = Report(str(a), str(b))
+    with ExitStack() as stack:
+        sa = open_side(a, "A", iteration=iteration, hf_config=hf_config)
+        stack.callback(sa.close)
+        sb = open_side(b, "B", iteration=iteration, hf_config=hf_config)
+        stack.callback(sb.close)
+        report.results.append(config_result(sa.cfg, sb.cfg))
+        if "manifest" in (sa.kind, sb.kind):
+            from .manifest_check import compare_with_manifest
+            compare_with_manifest(sa, sb, report)
+        else:
+            compare_tensors(sa, sb, report, atol, rtol)
+    if logits:
+        from .logits import compare_logits
+        report.logits = compare_logits(a, b, iteration=iteration, hf_config=hf_config)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _norm(v):
+    if isinstance(v, dict):
+        return {("rope_type" if k == "type" else k): (float(x) if isinstance(x, (int, float)) and not
+                                                    isinstance(x, bool) else x) for k, x in v.items()} or None
+    return v
+
+
+def config_result(ca, cb) -> TensorResult:
+    fa, fb = model_fields(ca), model_fields(cb)
+    bad = [f"{k}: A {fa[k]!r} vs B {fb[k]!r}" for k in fa if _norm(fa[k]) != _norm(fb[k])]
+    if bad:
+        return TensorResult("config", "config", "architecture must match", None, None, None,
+                            detail="; ".join(bad), diagnosis="model configs differ: " + "; ".join(bad))
+    return TensorResult("config", "equal", "architecture fields equal")
+
+
+def stage_of(side):
+    """Layer index -> pipeline stage of a Megatron side with PP > 1, else None."""
+    lay = side.layout
+    if lay is None or lay.pp < 2:
+        return None
+    return lambda i: lay.locate(f"decoder.layers.{i}.x").pp_rank
+
+
+def layer_diagnoses(report: Report, sa, sb, keys_a: dict, keys_b: dict, explained: set[str] = frozenset()) -> None:
+    failing = [r.name for r in report.results if r.status in ("differs", "shape") and r.name not in explained]
+    msgs = both_ways(failing, keys_a, keys_b, layers_a=sa.cfg.num_layers, layers_b=sb.cfg.num_layers,
+                     stage_a=stage_of(sa), stage_b=stage_of(sb),
+                     missing_in_a=[r.name for r in report.results if r.status == "missing_in_a"],
+                     missing_in_b=[r.name for r in report.results if r.status == "missing_in_b"])
+    for r in report.results:
+        if r.name in msgs:
+            r.diagnosis = msgs[r.name]
+
+
+def compare_tensors(sa, sb, report: Report, atol, rtol) -> None:
+    space = common_space(sa, sb)
+    groups, notes = megatron_groups(sa, sb) if space == "megatron" else hf_groups(sa, sb)
+    report.layout = space
+    report.notes += notes
+    report.bytes_read = {"a": sum(m.nbytes for g in groups for m in g.a.values()),
+                         "b": sum(m.nbytes for g in groups for m in g.b.values())}
+    tps = tuple(dict.fromkeys(s.layout.tp for s in (sb, sa) if s.layout is not None))
+    walker = Walker(sa, sb, space)
+    keys_b: dict[str, bytes] = {}
+    explained: set[str] = set()
+    for g, tensors in walker.walk(groups):
+        label = group_label(g.names if space == "megatron" or not g.mapping else g.mapping.hf)
+        if g.tied:
+            report.results.append(_tied(g, sa if g.tied == "a" else sb, tensors[0] or tensors[1]))
+            continue
+        out = _proven_equal(g) if tensors is None else _compare_group(g, tensors, sa, sb, space, atol, rtol, keys_b)
+        for r in out:
+            r.group = label
+            r.aliases = list(g.mapping.hf) if g.mapping and space == "megatron" else []
+        if g.op == "vocab" and space == "megatron":
+            _padding_note(report, label, sa, sb, g)
+        failed = [r for r in out if r.status in ("differs", "shape")]
+        if failed and tensors is not None and all(n in tensors[0] and n in tensors[1] for n in g.names):
+            ta, tb = tensors
+            ctx = Context(label, g.op, sa.cfg, g.mapping.hf if g.mapping else g.names,
+                          fused=space == "megatron" and g.mapping is not None, tp_kind=_kind(g.names[0]), tps=tps)
+            found, where = diagnose(ctx, [ta[n] for n in g.names], [tb[n] for n in g.names])
+            for r in failed:
+                r.diagnosis = "; ".join(found or where)
+                if found:
+                    explained.add(r.name)
+        report.results += out
+    keys_a = _neighbour_keys(report, walker, groups, keys_b, explained)
+    layer_diagnoses(report, sa, sb, keys_a, keys_b, explained)
+
+
+def _proven_equal(g: Group) -> list[TensorResult]:
+    out = []
+    for n in g.names:
+        a, b = g.a[n], g.b[n]
+        rule = rule_for(a.dtype, b.dtype)
+        out.append(TensorResult(n, "equal" if rule == "exact" else "rounded", rule, numel=b.numel))
+    return out
+
+
+def _compare_group(g: Group, tensors, sa, sb, space, atol, rtol, keys_b: dict) -> list[TensorResult]:
+    ta, tb = tensors
+    out = []
+    for name in g.names:
+        x, y = ta.get(name), tb.get(name)
+        if x is None or y is None:
+            out.append(TensorResult(name, "missing_in_a" if x is None else "missing_in_b",
+                                    detail=f"present only in {'B' if x is None else 'A'}",
+                                    max_abs=None, max_rel=None, n_diff=None))
+            continue
+        if g.op == "vocab" and space == "megatron":
+            x, y = x[:sa.cfg.vocab_size], y[:sb.cfg.vocab_size]
+        res, _ = compare_tensor(name, x, y, atol, rtol)
+        if not res.ok and split_layer(name):
+            keys_b[name] = sketch(y)
+        out.append(res)
+    return out
+
+
+def _neighbour_keys(report: Report, walker, groups: list[Group], keys_b: dict, explained: set[str]) -> dict:
+    """Sketches of A's tensors in the layers next to each unexplained differing layer tensor (the
+    candidates for "B's layer i holds A's layer j"), read only now, and only those."""
+    by_name = {n: g for g in groups for n in g.names}
+    want: list[str] = []
+    for name in keys_b:
+        s = split_layer(name)
+        if name in explained or not s:
+            continue
+        for d in (-2, -1, 1, 2):
+            cand = s[0].replace("{i}", str(s[1] + d))
+            if cand in by_name and cand in by_name[cand].a and cand not in want:
+                want.append(cand)
+    keys_a: dict[str, bytes] = {}
+    for name in want[:MAX_NEIGHBOUR_READS]:
+        g = by_name[name]
+        t = walker.read_whole(g, "a").get(name)
+        if t is not None:
+            if g.op == "vocab" and walker.space == "megatron":
+                t = t[:walker.sa.cfg.vocab_size]
+            b_dtype = g.b[name].dtype if name in g.b else t.dtype
+            keys_a[name] = sketch(t.to(b_dtype))
+    return keys_a
+
+
+def _kind(name: str) -> str | None:
+    try:
+        return tp_kind(name)
+    except LayoutError:
+        return None
+
+
+def _padding_note(report: Report, label: str, sa, sb, g: Group) -> None:
+    name = g.names[0]
+    pads = {s.label: m[name].shape[0] - s.cfg.vocab_size for s, m in ((sa, g.a), (sb, g.b))
+            if s.kind == "megatron" and name in m}
+    if any(pads.values()):
+        held = ", ".join(f"{k} {v}" for k, v in pads.items())
+        report.notes.append(f"{label}: Megatron vocab padding rows not compared ({held})")
+
+
+def _tied(g: Group, side, t: dict) -> TensorResult:
+    (name,) = g.names
+    v = side.cfg.vocab_size
+    res, _ = compare_tensor(f"{name} (tied copy in {side.label})", t["__embedding__"][:v], t[name][:v])
+    res.group, res.rule = "tied embedding", "the stored copy of a tied embedding equals the embedding"
+    if not res.ok:
+        res.diagnosis = f"{side.label}'s stored copy {name} of the tied embedding differs from the embedding"
+    return res
