@@ -205,8 +205,22 @@ def malicious_pytorch_model_bin(tmp, hf_model_dir):
     return b
 
 
+def malicious_common_pt(tmp, hf_model_dir):
+    mg = tmp / "mg"
+    hf_to_megatron(hf_model_dir("llama-gqa"), mg, tp=2, show_progress=False, ckpt_format="torch_dist")
+    marker = tmp / "PWNED"
+    path = mg / "release" / "common.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(path, weights_only=True)
+    common["evil"] = _Payload(marker)
+    torch.save(common, path)
+    b = _to_hf(mg, tmp, "system", "common.pt")
+    b.marker = marker
+    return b
+
+
 CASES = [Case(f.__name__, f) for f in (
     truncated_safetensors, corrupt_header, header_offsets_out_of_range, index_names_missing_shard,
     shard_with_unexpected_tensor, tp_shard_shape_mismatch, mixed_iterations, missing_mp_rank,
     latest_names_missing_iteration, groups_not_divisible_by_tp, unknown_architecture, nonfinite_weights,
-    dst_inside_src, src_equals_dst, malicious_megatron_rank_file, malicious_pytorch_model_bin)]
+    dst_inside_src, src_equals_dst, malicious_megatron_rank_file, malicious_pytorch_model_bin, malicious_common_pt)]
