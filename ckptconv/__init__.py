@@ -1,12 +1,12 @@
 """ckptconv: streaming, verifiable checkpoint conversion for LLMs.
 
 Public API (imported lazily so that `ckptconv.plan` / `ckptconv.ops` stay light):
-hf_to_megatron, megatron_to_hf, inspect_checkpoint, logits (the bundled runtime).
+hf_to_megatron, megatron_to_hf, inspect_checkpoint, reshard, logits (the bundled runtime).
 """
 __version__ = "0.1.0"
 
 _API = {"hf_to_megatron": "engine.convert", "megatron_to_hf": "engine.convert",
-        "inspect_checkpoint": "inspect", "logits": "runtime"}
+        "inspect_checkpoint": "inspect", "logits": "runtime", "reshard": "engine.reshard"}
 __all__ = [*_API, "__version__"]
 
 

@@ -74,7 +74,7 @@ def inspect_checkpoint(path: str | Path, iteration: str = "latest") -> dict:
 
 def inspect_text(info: dict, show_tensors: bool = False) -> str:
     lines = [f"{info['path']}: {info['format']}  family={info['family']}"]
-    if info["format"] == "megatron_torch":
+    if info["format"].startswith("megatron"):
         lines.append(f"  iteration {info['iteration']}  TP={info['tp']} PP={info['pp']} VPP={info['vpp']} "
                      f"layers/stage {info['layers_per_stage']}  impl={info['transformer_impl']}")
         lines.append(f"  vocab {info['vocab_size']} padded {info['padded_vocab_size']}; "

@@ -22,7 +22,7 @@ from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, 
 @debug_option
 @handle_errors
 def command(src, dst, iteration, hf_config, dtype, max_shard_size, dry_run, overwrite, allow_nonfinite, as_json):
-    """Convert a Megatron-Core per-rank checkpoint (any TP/PP/VPP) to Hugging Face safetensors."""
+    """Convert a Megatron-Core checkpoint (per-rank torch or torch_dist, any TP/PP/VPP) to Hugging Face safetensors."""
     summary = megatron_to_hf(src, dst, iteration=iteration, hf_config=hf_config, dtype=dtype_arg(dtype),
                              max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
                              allow_nonfinite=allow_nonfinite, show_progress=not as_json)
