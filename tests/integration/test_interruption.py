@@ -75,6 +75,24 @@ def test_sigkill_at_several_points_then_rerun(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_ctrl_c_and_sigterm_clean_up(tmp_path, sig, code):
+    src = synthetic_llama(tmp_path / "src", layers=4)
+    dst = tmp_path / "mg"
+    proc = subprocess.Popen([*CLI, "hf-to-megatron", str(src), str(dst), "--tp", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    while not leftovers(dst) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("conversion finished before the signal could be sent")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not dst.exists() and leftovers(dst) == []
+
+
 def _full_disk_shell(mnt: Path, cmd: list[str]) -> list[str] | None:
     """Run cmd with a 512 KiB tmpfs mounted at mnt (private mount namespace); None if impossible."""
     script = ('mount -t tmpfs -o size=512k tmpfs "$0" || exit 99; "$@"; rc=$?; '
