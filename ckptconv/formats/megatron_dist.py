@@ -30,7 +30,7 @@ from ..types import TensorMeta
 from .dcp_slices import DcpStore
 from .megatron_args import layout_from_args
 from .megatron_names import to_canonical
-from .megatron_torch import LATEST, iteration_dir_name
+from .megatron_torch import LATEST, iteration_dir_name, resolve_iteration_dir
 from .safe_pickle import TorchFile
 
 METADATA_JSON = "metadata.json"
@@ -71,25 +71,8 @@ def is_dist_checkpoint(path: Path) -> bool:
 
 
 def resolve_dist_iteration_dir(root: Path, iteration: str | int = "latest") -> Path:
-    root = Path(root)
-    if dist_backend(root):
-        return root
-    if str(iteration) == "latest":
-        marker = root / LATEST
-        if not marker.is_file():
-            raise CorruptCheckpoint(f"no {LATEST} in a Megatron checkpoint root", path=root,
-                                    fix="pass --iteration release|N, or point at the iter_* directory")
-        iteration = marker.read_text().strip()
-    try:
-        name = iteration_dir_name("release" if str(iteration) == "release" else int(iteration))
-    except ValueError:
-        raise CorruptCheckpoint(f"iteration {str(iteration)[:40]!r} is neither 'release' nor a number",
-                                path=root / LATEST, fix="pass --iteration release|N") from None
-    path = root / name
-    if not dist_backend(path):
-        raise MissingTensors(f"iteration directory {name} is missing or has no {METADATA_JSON}", path=path,
-                             fix=f"check {LATEST} or pass --iteration")
-    return path
+    return resolve_iteration_dir(root, iteration, is_iter_dir=lambda p: p.is_dir() and bool(dist_backend(p)),
+                                 holds=METADATA_JSON)
 
 
 class MegatronDistReader:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,10 +45,13 @@ def is_iteration_dir(path: Path) -> bool:
     return path.is_dir() and any(RANK_DIR.match(p.name) for p in path.iterdir())
 
 
-def resolve_iteration_dir(root: Path, iteration: str | int = "latest") -> Path:
-    """ROOT + latest|release|N -> the directory holding mp_rank_* (ROOT itself if it is one)."""
+def resolve_iteration_dir(root: Path, iteration: str | int = "latest", *,
+                          is_iter_dir: Callable[[Path], bool] = is_iteration_dir,
+                          holds: str = "mp_rank_* directories") -> Path:
+    """ROOT + latest|release|N -> the iteration directory (ROOT itself if it is one);
+    ``is_iter_dir`` tells an iteration directory of the format at hand."""
     root = Path(root)
-    if is_iteration_dir(root):
+    if is_iter_dir(root):
         return root
     if str(iteration) == "latest":
         marker = root / LATEST
@@ -56,10 +59,14 @@ def resolve_iteration_dir(root: Path, iteration: str | int = "latest") -> Path:
             raise CorruptCheckpoint(f"no {LATEST} in a Megatron checkpoint root", path=root,
                                     fix="pass --iteration release|N, or point at the iter_* directory")
         iteration = marker.read_text().strip()
-    name = "release" if str(iteration) == "release" else iteration_dir_name(int(iteration))
+    try:
+        name = iteration_dir_name("release" if str(iteration) == "release" else int(iteration))
+    except ValueError:
+        raise CorruptCheckpoint(f"iteration {str(iteration)[:40]!r} is neither 'release' nor a number",
+                                path=root / LATEST, fix="pass --iteration release|N") from None
     path = root / name
-    if not is_iteration_dir(path):
-        raise MissingTensors(f"iteration directory {name} is missing or holds no mp_rank_* directories",
+    if not is_iter_dir(path):
+        raise MissingTensors(f"iteration directory {name} is missing or holds no {holds}",
                              path=path, fix=f"check {LATEST} or pass --iteration")
     return path
 
@@ -206,14 +213,16 @@ class MegatronTorchWriter:
 
     def __init__(self, out_root: Path, layout: MegatronLayout, metas: list[TensorMeta], *, args: Any,
                  iteration: int | str, impl: str, tie_copy: bool, gated_mlp: bool = True,
-                 extra: dict | None = None):
+                 extra: dict | None = None, files: set[tuple[int, int]] | None = None):
+        # files: write only these (tp_rank, pp_rank) files (one worker's share); None: all
         self.out_root, self.layout, self.impl = Path(out_root), layout, impl
         self.iteration = iteration
         self.gated_mlp = gated_mlp
         it_value = 0 if iteration == "release" else int(iteration)
         self._routes: dict[str, list[tuple[tuple[int, int], str, str]]] = {}
         per_file: dict[tuple[int, int], list[dict]] = {
-            (t, p): [dict() for _ in range(layout.chunks)] for t in range(layout.tp) for p in range(layout.pp)}
+            (t, p): [dict() for _ in range(layout.chunks)] for t in range(layout.tp) for p in range(layout.pp)
+            if files is None or (t, p) in files}
         for meta in metas:
             targets = [(layout.locate(meta.name), meta.name)]
             if tie_copy and meta.name == "embedding.word_embeddings.weight" and layout.pp > 1:
@@ -222,7 +231,7 @@ class MegatronTorchWriter:
             lshape = local_shape(kind, meta.shape, layout.tp)
             for loc, as_name in targets:
                 local = to_impl(loc.local_name if as_name == meta.name else as_name, impl)
-                for t in range(layout.tp):
+                for t in (t for t in range(layout.tp) if (t, loc.pp_rank) in per_file):
                     slot = f"{loc.chunk}/{local}"
                     per_file[(t, loc.pp_rank)][loc.chunk][local] = TensorSlot(slot, lshape, meta.dtype)
                     self._routes.setdefault(meta.name, []).append(((t, loc.pp_rank), slot, as_name))
@@ -244,12 +253,16 @@ class MegatronTorchWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._files[(t, p)] = StreamingTorchSave(path, template)
 
+    def holds(self, name: str) -> bool:
+        """Whether any file of this writer takes (part of) ``name``."""
+        return name in self._routes
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         meta = self._metas[name]
         if tuple(tensor.shape) != meta.shape:
             raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
         kind = tp_kind(name, self.gated_mlp)
-        for (t, p), slot, _ in self._routes[name]:
+        for (t, p), slot, _ in self._routes.get(name, ()):
             ranges = tp_pieces(kind, meta.shape, self.layout.tp, t, name)
             parts = [tensor.narrow(d, a, b - a) for d, a, b in ranges]
             local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
