@@ -112,11 +112,11 @@ def same_outputs(a: Path, b: Path) -> tuple[bool, int]:
 def write_markdown(results: dict, path: Path) -> None:
     rows = []
     for name, c in results["cases"].items():
-        d, o = c["median"]["deepspeed"], c["median"]["ckptconv"]
+        d, o, x = (c["median"][t] for t in ("deepspeed", "ckptconv", "ckptconv_no_scan"))
         rows.append(f"| {name.replace('zero', 'ZeRO-')} | {c['checkpoint_bytes'] / 1e9:.2f} GB | "
                     f"{d['wall_s']:.1f} s / {d['peak_rss_mb']:.0f} MB | {o['wall_s']:.1f} s / {o['peak_rss_mb']:.0f} MB | "
-                    f"**{c['time_ratio']:.2f}x** | **{c['rss_ratio']:.2f}x** | "
-                    f"{'yes' if c['outputs_identical'] else 'NO'} ({c['tensors']} tensors) |")
+                    f"**{c['time_ratio']:.2f}x** | **{c['rss_ratio']:.2f}x** | {x['wall_s']:.1f} s "
+                    f"({c['time_ratio_no_scan']:.2f}x) | {'yes' if c['outputs_identical'] else 'NO'} ({c['tensors']} tensors) |")
     each = "; ".join(f"{n}: " + ", ".join(f"{t} " + " ".join(f"{r['wall_s']:.1f}s/{r['peak_rss_mb']:.0f}MB" for r in rs)
                                           for t, rs in c["runs"].items()) for n, c in results["cases"].items())
     block = f"""<!-- results: written by bench/bench_deepspeed.py -->
@@ -128,14 +128,15 @@ Output of both tools: one 828 MB fp32 `model.safetensors`.
 
 - DeepSpeed: `python CKPT/zero_to_fp32.py CKPT OUT --safe_serialization` (the script DeepSpeed
   copies into the checkpoint, run in a venv with deepspeed installed, which it needs).
-- ckptconv: `ckptconv deepspeed-to-hf CKPT OUT --json` (config.json next to the checkpoint).
+- ckptconv: `ckptconv deepspeed-to-hf CKPT OUT --json` (config.json next to the checkpoint); and the
+  same with `--allow-nonfinite`, which skips the NaN/Inf scan of every tensor (DeepSpeed does none).
 
 Each tool runs in a fresh process, alternating, {results['repeats']} times per checkpoint, after one pass
 over the checkpoint files to warm the page cache. Wall time: median; peak RSS: the process's
 `ru_maxrss` from `os.wait4`, the worst run. Both outputs are compared tensor by tensor.
 
-| checkpoint | size | zero_to_fp32.py (time / peak RSS) | ckptconv (time / peak RSS) | time ratio | RSS ratio | identical |
-| --- | --- | --- | --- | --- | --- | --- |
+| checkpoint | size | zero_to_fp32.py (time / peak RSS) | ckptconv (time / peak RSS) | time ratio | RSS ratio | ckptconv --allow-nonfinite (ratio) | identical |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 Targets: time <= 1.0x, peak RSS <= 0.5x. All runs (time/RSS): {each}.
@@ -162,13 +163,15 @@ def main() -> None:
         ckpt = a.work / f"z{stage}_fp32_200m"
         make_checkpoint(a.ds_python, stage, ckpt)
         warm(ckpt)
-        runs = {"deepspeed": [], "ckptconv": []}
+        runs = {"deepspeed": [], "ckptconv": [], "ckptconv_no_scan": []}
         for i in range(a.repeats):
-            for tool in ("deepspeed", "ckptconv"):
+            for tool in runs:
                 out = a.work / f"out_{tool}_z{stage}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = ([str(a.ds_python), str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--safe_serialization"]
                        if tool == "deepspeed" else [ours_cli, "deepspeed-to-hf", str(ckpt), str(out), "--json"])
+                if tool == "ckptconv_no_scan":       # same, without the NaN/Inf scan of every tensor
+                    cmd.append("--allow-nonfinite")
                 runs[tool].append(measure(cmd))
                 print(f"ZeRO-{stage} {tool:9s} run {i + 1}: {runs[tool][-1]['wall_s']:.2f} s, "
                       f"{runs[tool][-1]['peak_rss_mb']:.0f} MB", flush=True)
@@ -181,6 +184,7 @@ def main() -> None:
             "output_bytes": sum(f.stat().st_size for f in (a.work / f"out_ckptconv_z{stage}").rglob("*")),
             "hidden_size": params["hidden_size"], "runs": runs, "median": med, "outputs_identical": equal,
             "tensors": n, "time_ratio": med["ckptconv"]["wall_s"] / med["deepspeed"]["wall_s"],
+            "time_ratio_no_scan": med["ckptconv_no_scan"]["wall_s"] / med["deepspeed"]["wall_s"],
             "rss_ratio": med["ckptconv"]["peak_rss_mb"] / med["deepspeed"]["peak_rss_mb"]}
     (HERE / "results_deepspeed.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, HERE / "results_deepspeed.md")

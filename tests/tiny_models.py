@@ -22,6 +22,7 @@ VARIANTS = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {"vocab_size": 250}),
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "llama-3layer": ("LlamaConfig", {"num_hidden_layers": 3}),
 }
 
 

@@ -24,6 +24,10 @@ def parse_iteration(value: str) -> int | str:
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree.")
 @click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage.")
+@click.option("--decoder-first-pipeline-num-layers", "first_stage_layers", type=int, default=None,
+              help="Layers on the first pipeline stage (uneven pipeline).")
+@click.option("--decoder-last-pipeline-num-layers", "last_stage_layers", type=int, default=None,
+              help="Layers on the last pipeline stage (uneven pipeline).")
 @click.option("--ckpt-format", type=click.Choice(sorted(WRITERS)), default="torch_dist", show_default=True,
               help="torch_dist: Megatron-Core distributed checkpoint (loads at any TP/PP); torch: per-rank files.")
 @click.option("--transformer-impl", type=click.Choice(IMPLS), default="transformer_engine", show_default=True,
@@ -38,12 +42,13 @@ def parse_iteration(value: str) -> int | str:
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, tp, pp, vpp, ckpt_format, transformer_impl, dtype, divisible_by, iteration, cache_dir,
-            dry_run, overwrite, allow_nonfinite, as_json):
+def command(src, dst, tp, pp, vpp, first_stage_layers, last_stage_layers, ckpt_format, transformer_impl, dtype,
+            divisible_by, iteration, cache_dir, dry_run, overwrite, allow_nonfinite, as_json):
     """Convert a Hugging Face checkpoint (directory or cached hub id) to Megatron-Core."""
     summary = hf_to_megatron(src, dst, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl, dtype=dtype_arg(dtype),
                              divisible_by=divisible_by, iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
                              overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
-                             show_progress=not as_json, cache_dir=cache_dir)
+                             show_progress=not as_json, cache_dir=cache_dir, first_stage_layers=first_stage_layers,
+                             last_stage_layers=last_stage_layers)
     text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")
     emit(summary, as_json, text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..engine.reshard import reshard
+from ..engine.reshard_workers import env_rank
 from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
 from .common import debug_option, emit, handle_errors, json_option, plan_text
@@ -17,20 +18,36 @@ from .common import debug_option, emit, handle_errors, json_option, plan_text
 @click.option("--tp", type=int, default=None, help="Target tensor-parallel degree [default: the source's].")
 @click.option("--pp", type=int, default=None, help="Target pipeline-parallel degree [default: the source's].")
 @click.option("--vpp", type=int, default=None, help="Target virtual pipeline chunks per stage.")
+@click.option("--decoder-first-pipeline-num-layers", "first_stage_layers", type=int, default=None,
+              help="Layers on the first pipeline stage (uneven pipeline) [default: the source's if PP/VPP "
+                   "are unchanged, else even].")
+@click.option("--decoder-last-pipeline-num-layers", "last_stage_layers", type=int, default=None,
+              help="Layers on the last pipeline stage (uneven pipeline).")
 @click.option("--transformer-impl", type=click.Choice(IMPLS), default=None,
               help="Key space of the norms in per-rank output [default: the source model's].")
 @click.option("--iteration", default="latest", show_default=True, help="'latest', 'release' or a number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Local processes writing the output files in parallel (each reads only what its files need).")
+@click.option("--launcher", type=click.Choice(["local", "torchrun"]), default="local", show_default=True,
+              help="torchrun: this process is one rank of a torchrun job and writes its share of the output.")
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, ckpt_format, tp, pp, vpp, transformer_impl, iteration, dry_run, overwrite, as_json):
+def command(src, dst, ckpt_format, tp, pp, vpp, first_stage_layers, last_stage_layers, transformer_impl, iteration,
+            dry_run, overwrite, workers, launcher, as_json):
     """Rewrite a Megatron checkpoint in another format (torch <-> torch_dist) and/or TP/PP/VPP."""
     summary = reshard(src, dst, ckpt_format=ckpt_format, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl,
-                      iteration=iteration, overwrite=overwrite, dry_run=dry_run, show_progress=not as_json)
+                      first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
+                      iteration=iteration, overwrite=overwrite, dry_run=dry_run, workers=workers,
+                      launcher=launcher, show_progress=not as_json)
+    if launcher == "torchrun" and env_rank()[0] != 0:
+        return
     text = (f"{summary['source_format']} TP={summary['source_tp']} PP={summary['source_pp']} "
             f"VPP={summary['source_vpp']} -> {summary['format']}\n" + plan_text(summary)
             + (f"\n  not carried over: {', '.join(summary['dropped_state'])}" if summary["dropped_state"] else "")
+            + (f"\n  workers: {summary['workers']}: " + "; ".join(summary["worker_shares"])
+               if summary["workers"] > 1 else "")
             + ("" if dry_run else f"\nwrote {dst}"))
     emit(summary, as_json, text)

@@ -8,12 +8,12 @@ appended, or padding rows beyond the true vocab dropped). Model weights only: op
 and scheduler state of a training checkpoint are not carried over (listed in the summary).
 
 `plan_reshard` works from metadata alone (for --dry-run and checks); `reshard` executes it
-tensor by tensor, one logical tensor in memory at a time.
+tensor by tensor, one logical tensor in memory at a time, in this process or split over N worker
+processes / torchrun ranks (`reshard_workers`).
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +22,13 @@ import torch
 from ..errors import CkptError, LayoutError, UnknownFormat
 from ..formats.atomic import atomic_output_dir
 from ..formats.detect import detect_format
-from ..formats.megatron import WRITERS, megatron_writer, open_megatron_reader
+from ..formats.megatron import WRITERS, open_megatron_reader
 from ..formats.megatron_args import config_from_args
 from ..formats.megatron_names import IMPLS
 from ..plan.megatron_layout import MegatronLayout, pad_vocab_size
 from ..plan.planner import TIED_COPY
 from ..types import TensorMeta
-from .megatron_as_hf import HF_ASSETS_DIR
-from .memory import release_freed_memory
-from .progress import progress
+from .reshard_workers import ReshardJob, check_workers, env_rank, run_local, run_torchrun, shares, write_share
 
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -48,14 +46,18 @@ class ReshardPlan:
 
 
 def plan_reshard(reader, *, tp: int | None = None, pp: int | None = None, vpp: int | None = None,
-                 impl: str | None = None) -> ReshardPlan:
+                 impl: str | None = None, first_stage_layers: int | None = None,
+                 last_stage_layers: int | None = None) -> ReshardPlan:
+    """The target layout, args and tensor list, from metadata alone. Uneven first/last pipeline
+    stages are kept when PP and VPP stay the same and none are given."""
     src_args, old = reader.args, reader.layout
     pp = pp or old.pp
     vpp = (vpp if vpp is not None else old.vpp if pp == old.pp else None) or None
     vpp = None if vpp == 1 else vpp
     same = pp == old.pp and vpp == old.vpp
-    layout = MegatronLayout(tp or old.tp, pp, old.num_layers, vpp, old.first_stage_layers if same else None,
-                            old.last_stage_layers if same else None)
+    if first_stage_layers is None and last_stage_layers is None and same:
+        first_stage_layers, last_stage_layers = old.first_stage_layers, old.last_stage_layers
+    layout = MegatronLayout(tp or old.tp, pp, old.num_layers, vpp, first_stage_layers, last_stage_layers)
     metas = reader.tensors()
     tied = not getattr(src_args, "untie_embeddings_and_output_weights", TIED_COPY in metas)
     ignored = [TIED_COPY] if tied and TIED_COPY in metas else []
@@ -130,34 +132,53 @@ def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) 
                                                                       "iteration") and not k.startswith("model")),
         "checks": [f"num_query_groups, num_attention_heads, ffn_hidden_size % TP {lay.tp} == 0",
                    f"padded vocab {plan.padded_vocab[1]} % TP {lay.tp} == 0",
-                   f"layers {lay.num_layers} split over PP {lay.pp} x VPP {lay.vpp or 1} as {lay.stage_layer_counts()}"],
+                   f"layers {lay.num_layers} split over PP {lay.pp} x VPP {lay.vpp or 1} as "
+                   f"{lay.stage_layer_counts()}"],
     }
 
 
 def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist", tp: int | None = None,
             pp: int | None = None, vpp: int | None = None, impl: str | None = None,
+            first_stage_layers: int | None = None, last_stage_layers: int | None = None,
             iteration: str | int = "latest", overwrite: bool = False, dry_run: bool = False,
-            show_progress: bool = True) -> dict:
+            workers: int = 1, launcher: str = "local", show_progress: bool = True) -> dict:
     """Rewrite a Megatron checkpoint (any reader format) in ``ckpt_format`` at TP/PP/VPP (default:
-    the source's). Returns a summary; with ``dry_run`` nothing is read beyond metadata."""
+    the source's), optionally with uneven first/last pipeline stages. ``workers`` > 1 writes the
+    output with that many local processes (see `reshard_workers`). Returns a summary; with
+    ``dry_run`` nothing is read beyond metadata. ``launcher="torchrun"``: this process is one rank
+    of a torchrun job and writes its share (``workers`` is then the job's world size)."""
     if ckpt_format not in WRITERS:
         raise UnknownFormat(f"unknown Megatron checkpoint format {ckpt_format!r}", fix=f"use one of {sorted(WRITERS)}")
+    check_workers(workers)
     src, dst = Path(src), Path(dst)
+    if launcher == "torchrun":
+        workers = env_rank()[1]
+    kw = dict(tp=tp, pp=pp, vpp=vpp, impl=impl, first_stage_layers=first_stage_layers,
+              last_stage_layers=last_stage_layers)
     with open_megatron_reader(src, detect_format(src), iteration) as reader:
-        plan = plan_reshard(reader, tp=tp, pp=pp, vpp=vpp, impl=impl)
+        plan = plan_reshard(reader, **kw)
         summary = _summary(reader, plan, src, dst, ckpt_format)
+        summary["workers"] = workers
+        summary["worker_shares"] = _share_text(plan, ckpt_format, workers)
         if dry_run:
             return summary
-        with atomic_output_dir(dst, sources=[src], overwrite=overwrite) as tmp:
-            with megatron_writer(ckpt_format, tmp, plan.layout, plan.metas, args=plan.args, iteration=plan.iteration,
-                                 impl=plan.impl, tie_copy=plan.tied, gated_mlp=bool(getattr(plan.args, "swiglu", True)),
-                                 extra=dict(reader.meta)) as writer:
-                for m in progress(plan.metas, desc="reshard", enabled=show_progress):
-                    t = reader.read(m.name)
-                    writer.write(m.name, _repad(t, m.shape[0]) if m.name in VOCAB_ROWS else t)
-                    del t
-                    release_freed_memory()
-            assets = reader.root / HF_ASSETS_DIR
-            if assets.is_dir():
-                shutil.copytree(assets, tmp / HF_ASSETS_DIR)
+        job = ReshardJob(str(src), iteration, ckpt_format, kw, show_progress)
+        if launcher != "torchrun":
+            with atomic_output_dir(dst, sources=[src], overwrite=overwrite) as tmp:
+                if workers == 1:
+                    write_share(reader, plan, tmp, ckpt_format, show_progress=show_progress)
+                else:
+                    run_local(job, tmp, workers)
+            return summary
+    run_torchrun(job, dst, overwrite=overwrite)
     return summary
+
+
+def _share_text(plan: ReshardPlan, ckpt_format: str, workers: int) -> list[str]:
+    out = []
+    for part in shares(plan, ckpt_format, workers):
+        if ckpt_format == "torch":
+            out.append(" ".join(f"tp{t}pp{p}" for t, p in sorted(part, key=lambda k: (k[1], k[0]))) or "-")
+        else:
+            out.append(f"{len(part)} tensors, {sum(m.nbytes for m in plan.metas if m.name in part)} bytes")
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,15 @@ def remove_stale_tmp_dirs(dst: Path) -> list[Path]:
     return removed
 
 
+def _remove(path: Path, attempts: int = 50) -> None:
+    """rmtree that outlasts a writer thread still finishing a file after an interrupt."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
+
+
 @contextmanager
 def atomic_output_dir(dst: Path, *, sources: list[Path], overwrite: bool = False) -> Iterator[Path]:
     dst = check_destination(dst, sources, overwrite)
@@ -74,7 +84,7 @@ def atomic_output_dir(dst: Path, *, sources: list[Path], overwrite: bool = False
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     if dst.exists():
         old = dst.parent / f".{dst.name}.ckptconv-old-{uuid.uuid4().hex[:8]}"

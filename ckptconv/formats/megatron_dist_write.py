@@ -21,8 +21,10 @@ save runs in one background thread, and `write(name, t)` hands `t` over through 
 rendezvous (`_Handoff`) and returns once the storage writer has taken it. The engine writes in
 plan order, so at most the tensor being serialised and the one being produced are alive; a write
 out of plan order is held until it is asked for (correct, just not bounded). torch 2.13's
-writer keeps every tensor of one file alive until that file is closed, so we ask for one file per
-item (`single_file_per_rank=False`): its peak is one tensor, not the model.
+writer keeps the last tensor of every key of a file alive until that file is closed
+(`_write_files_from_queue`'s `tensor_dict`), so we ask for one file per item
+(`single_file_per_rank=False`): it then holds one tensor, not one per key (16-layer bench model:
+735 MiB peak vs 924 MiB with one file).
 """
 from __future__ import annotations
 

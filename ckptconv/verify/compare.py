@@ -51,6 +51,11 @@ def rule_for(a_dtype: torch.dtype, b_dtype: torch.dtype) -> str:
     return f"exact after conversion to {dtype_name(b_dtype)}"
 
 
+def status_for(rule: str) -> str:
+    """The status of a parameter that satisfies ``rule``."""
+    return "rounded" if rule.startswith("correctly rounded") else "equal"
+
+
 def reference(a: torch.Tensor, b_dtype: torch.dtype) -> tuple[torch.Tensor, str]:
     """What B must hold given A (``a.to`` rounds to nearest even), and the rule's name."""
     return (a if a.dtype == b_dtype else a.to(b_dtype)), rule_for(a.dtype, b_dtype)
@@ -141,7 +146,7 @@ def compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor, atol: float | No
                             max_abs=None, max_rel=None, n_diff=None, numel=b.numel()), None
     ref, rule = reference(a, b.dtype)
     if values_equal(ref, b):
-        return TensorResult(name, "equal" if rule == "exact" else "rounded", rule, numel=b.numel()), ref
+        return TensorResult(name, status_for(rule), rule, numel=b.numel()), ref
     max_abs, max_rel, n = figures(ref, b)
     res = TensorResult(name, "differs", rule, max_abs, max_rel, n, b.numel())
     if atol is not None or rtol is not None:

@@ -7,9 +7,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..errors import LayoutError
+from ..errors import CkptError, LayoutError
 from ..plan.megatron_layout import tp_kind
-from .compare import TensorResult, compare_tensor, rule_for, sketch
+from .compare import TensorResult, compare_tensor, rule_for, sketch, status_for
 from .diagnose import Context, diagnose, group_label
 from .diagnose_layers import both_ways, split_layer
 from .groups import Group, common_space, hf_groups, megatron_groups
@@ -25,13 +25,16 @@ def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = Non
                        iteration: str | int = "latest", hf_config: dict | None = None,
                        logits: bool = False) -> Report:
     """Compare checkpoint (or manifest) B against A; see docs/verification.md."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = Report(str(a), str(b))
     with ExitStack() as stack:
         sa = open_side(a, "A", iteration=iteration, hf_config=hf_config)
         stack.callback(sa.close)
         sb = open_side(b, "B", iteration=iteration, hf_config=hf_config)
         stack.callback(sb.close)
+        if logits and "manifest" in (sa.kind, sb.kind):
+            raise CkptError("--logits needs two checkpoints, not a manifest",
+                            path=b if sb.kind == "manifest" else a, fix="drop --logits or pass the checkpoint itself")
         report.results.append(config_result(sa.cfg, sb.cfg))
         if "manifest" in (sa.kind, sb.kind):
             from .manifest_check import compare_with_manifest
@@ -41,7 +44,7 @@ def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = Non
     if logits:
         from .logits import compare_logits
         report.logits = compare_logits(a, b, iteration=iteration, hf_config=hf_config)
-    report.seconds = time.perf_counter() - t0
+    report.seconds, report.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return report
 
 
@@ -96,7 +99,7 @@ def compare_tensors(sa, sb, report: Report, atol, rtol) -> None:
         if g.tied:
             report.results.append(_tied(g, sa if g.tied == "a" else sb, tensors[0] or tensors[1]))
             continue
-        out = _proven_equal(g) if tensors is None else _compare_group(g, tensors, sa, sb, space, atol, rtol, keys_b)
+        out = _proven_equal(g, sb, space) if tensors is None else _compare_group(g, tensors, sa, sb, space, atol, rtol, keys_b)
         for r in out:
             r.group = label
             r.aliases = list(g.mapping.hf) if g.mapping and space == "megatron" else []
@@ -107,7 +110,10 @@ def compare_tensors(sa, sb, report: Report, atol, rtol) -> None:
             ta, tb = tensors
             ctx = Context(label, g.op, sa.cfg, g.mapping.hf if g.mapping else g.names,
                           fused=space == "megatron" and g.mapping is not None, tp_kind=_kind(g.names[0]), tps=tps)
-            found, where = diagnose(ctx, [ta[n] for n in g.names], [tb[n] for n in g.names])
+            try:
+                found, where = diagnose(ctx, [ta[n] for n in g.names], [tb[n] for n in g.names])
+            except (RuntimeError, ValueError, IndexError) as e:     # best effort: never lose the verdict
+                found, where = [], [f"{label}: no diagnosis ({type(e).__name__}: {e})"[:300]]
             for r in failed:
                 r.diagnosis = "; ".join(found or where)
                 if found:
@@ -117,12 +123,15 @@ def compare_tensors(sa, sb, report: Report, atol, rtol) -> None:
     layer_diagnoses(report, sa, sb, keys_a, keys_b, explained)
 
 
-def _proven_equal(g: Group) -> list[TensorResult]:
+def _proven_equal(g: Group, sb, space: str) -> list[TensorResult]:
     out = []
     for n in g.names:
         a, b = g.a[n], g.b[n]
         rule = rule_for(a.dtype, b.dtype)
-        out.append(TensorResult(n, "equal" if rule == "exact" else "rounded", rule, numel=b.numel))
+        numel = b.numel
+        if g.op == "vocab" and space == "megatron":          # real rows only
+            numel = numel // max(b.shape[0], 1) * sb.cfg.vocab_size
+        out.append(TensorResult(n, status_for(rule), rule, numel=numel))
     return out
 
 

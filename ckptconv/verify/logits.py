@@ -1,5 +1,6 @@
 """Logits tier: run A and B on fixed tokens and compare max |diff|, KL(A || B) and top-1
-agreement, in float32 from each checkpoint's weights.
+agreement, in float32 from each checkpoint's weights (Megatron checkpoints on the bundled
+runtime, sharded as they are on disk; HF through transformers).
 
 Thresholds are calibrated against the cast itself: A is also run with its weights rounded to B's
 dtypes (the "floor": exactly what a correct cast changes), and B may differ from A by at most
@@ -20,11 +21,12 @@ import torch
 from ..errors import CkptError
 from ..formats.detect import detect_format
 from ..formats.hf_hub import resolve_hf_source
+from ..formats.megatron import READERS as MEGATRON_READERS
 from .sides import open_side
 
 BATCH, SEQ, SEED = 2, 64, 0
-KL_FLOOR = 1e-9            # KL between fp32 runs of identical weights (compute noise; 0 here)
-MAX_ABS_FLOOR = 1e-4       # x max |logit|: fp32 compute noise allowance (e.g. another TP reduction order)
+KL_FLOOR = 1e-9            # fp32 compute noise: runtime at TP2 x PP2 vs transformers measured 1.3e-13
+MAX_ABS_FLOOR = 1e-4       # x max |logit|: fp32 compute noise (runtime vs transformers measured 1e-6 x max)
 FACTOR = 2.0               # x what rounding A's weights to B's dtypes alone does (a correct cast: x1)
 TOP1_SLACK = 0.02          # top-1 agreement may fall this far below the floor's
 
@@ -47,14 +49,23 @@ def _as_hf_dir(path, iteration, hf_config) -> Iterator[Path]:
         yield Path(tmp) / "hf"
 
 
+def _is_megatron(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and detect_format(p) in MEGATRON_READERS
+
+
 @torch.no_grad()
 def model_logits(path, tokens: torch.Tensor, *, iteration: str | int = "latest", hf_config: dict | None = None,
                  round_to: dict[str, torch.dtype] | None = None) -> torch.Tensor:
     """float32 logits [batch, seq, vocab] of the checkpoint at ``path`` on ``tokens``.
 
-    HF directories run through transformers; any other format is streamed into a temporary HF
-    directory first (the one place to switch to the bundled TP/PP runtime). ``round_to`` (HF name
-    -> dtype) rounds those weights before running (used for the calibration floor)."""
+    Megatron checkpoints run as they lie on disk, sharded, on the bundled TP x PP runtime
+    (``ckptconv.runtime.logits``, float32); HF directories run through transformers; any other
+    format is streamed into a temporary HF directory first. ``round_to`` (HF name -> dtype)
+    rounds those weights before running (the calibration floor; always through transformers)."""
+    if not round_to and _is_megatron(path):
+        from ..runtime import logits as runtime_logits
+        return runtime_logits(path, tokens, dtype=torch.float32, iteration=iteration, hf_config=hf_config).float()
     import transformers
 
     with _as_hf_dir(path, iteration, hf_config) as d:
@@ -91,7 +102,9 @@ def compare_logits(a, b, *, iteration: str | int = "latest", hf_config: dict | N
     da, va = _dtypes(a, iteration, hf_config)
     db, vb = _dtypes(b, iteration, hf_config)
     tokens = fixed_tokens(min(va, vb))
-    out = {"runner": "transformers (float32)", "tokens": tokens.numel(), "seed": SEED}
+    runner = {k: "bundled runtime (float32, sharded)" if _is_megatron(p) else "transformers (float32)"
+              for k, p in (("a", a), ("b", b))}
+    out = {"runner": runner, "tokens": tokens.numel(), "seed": SEED}
     try:
         la = model_logits(a, tokens, iteration=iteration, hf_config=hf_config)
         cast = {n: dt for n, dt in db.items() if n in da and da[n] != dt}

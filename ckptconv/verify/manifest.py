@@ -82,15 +82,6 @@ def entry(t: torch.Tensor, digest: str | None = None) -> dict:
     return {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "sha256": digest or tensor_digest(t)}
 
 
-def is_manifest_file(path: Path) -> bool:
-    p = Path(path)
-    if not p.is_file() or p.suffix != ".json":
-        return False
-    with open(p, "rb") as f:
-        head = f.read(4096)
-    return MANIFEST_FORMAT.encode() in head
-
-
 def load_manifest(path: Path) -> Manifest:
     p = Path(path)
     fix = "regenerate it with `ckptconv fingerprint CKPT -o FILE`"

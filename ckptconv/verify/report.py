@@ -18,7 +18,8 @@ class Report:
     results: list[TensorResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     logits: dict | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0                     # wall time of the verification (after imports)
+    cpu_seconds: float = 0.0                 # CPU time of all its threads
     bytes_read: dict = field(default_factory=dict)
 
     @property
@@ -63,7 +64,8 @@ class Report:
         return {"a": self.a, "b": self.b, "equivalent": self.equivalent, "layout": self.layout,
                 "num_tensors": len(self.results), "num_failed": len(self.failed),
                 "diagnoses": self.diagnoses, "summary": self.summary, "notes": self.notes, "logits": self.logits,
-                "seconds": round(self.seconds, 3), "bytes_read": self.bytes_read,
+                "seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3),
+                "bytes_read": self.bytes_read,
                 "tensors": [r.to_dict() for r in self.results]}
 
     def text(self) -> str:

@@ -24,8 +24,8 @@ from ..formats.megatron_args import config_from_args
 from ..ops import OpContext, get_op
 from ..plan.planner import TIED_COPY
 from ..sources import open_hf_view
-from ..types import TensorMeta
-from .manifest import is_manifest_file, load_manifest
+from ..types import DTYPE_NAMES, TensorMeta
+from .manifest import load_manifest
 
 TIED_HF = "lm_head.weight"
 EMBED_HF = "model.embed_tokens.weight"
@@ -128,7 +128,6 @@ class ManifestSide:
         self.layout = None
 
     def hf_metas(self) -> dict[str, TensorMeta]:
-        from ..types import DTYPE_NAMES
         out = {}
         for n, e in self.manifest.tensors.items():
             dt = DTYPE_NAMES.get(e["dtype"]) or getattr(torch, e["dtype"], None)
@@ -144,7 +143,7 @@ class ManifestSide:
 
 def open_side(path: str | Path, label: str, *, iteration: str | int = "latest", hf_config: dict | None = None):
     p = Path(path)
-    if is_manifest_file(p):
+    if p.is_file() and p.suffix == ".json":
         return ManifestSide(load_manifest(p), label)
     if p.is_dir():
         fmt = detect_format(p)

@@ -18,7 +18,7 @@ def prefetched(items: list, load_a: Callable, load_b: Callable) -> Iterator[tupl
     """Yield (item, load_a(item), load_b(item)) while the next item is loaded on two worker threads."""
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptconv-verify") as pool:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptconv-verify") as pool:
         nxt = (pool.submit(load_a, items[0]), pool.submit(load_b, items[0]))
         for i, item in enumerate(items):
             ra, rb = nxt[0].result(), nxt[1].result()
