@@ -80,8 +80,8 @@ def atomic_output_dir(dst: Path, *, sources: list[Path], overwrite: bool = False
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp_dirs(dst)
     tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()       # inside the try: a signal right after mkdir must not leave it behind
         yield tmp
     except BaseException:
         _remove(tmp)

@@ -146,8 +146,11 @@ def _transformer_config(args, tp: int, pp: int, vpp):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
-        num_layers_in_first_pipeline_stage=getattr(args, "num_layers_in_first_pipeline_stage", None),
-        num_layers_in_last_pipeline_stage=getattr(args, "num_layers_in_last_pipeline_stage", None),
+        # Megatron-LM's args name these decoder_{first,last}_pipeline_num_layers
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None)
+        or getattr(args, "num_layers_in_first_pipeline_stage", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None)
+        or getattr(args, "num_layers_in_last_pipeline_stage", None),
         pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
         params_dtype=torch.float32,

@@ -64,3 +64,18 @@ def test_broken_reshard_fails_the_same_check(hf_model_dir, tp2pp2, tmp_path):
     torch.save(cb, b)
     ids = tokens(vocab=250)
     assert diff(megatron_logits(out, ids), hf_model_dir("llama-gqa"), ids) > 1e-3
+
+
+def test_megatron_core_loads_uneven_pipeline_reshard(hf_model_dir, tmp_path):
+    """PP2 with 1 of 3 layers on the first stage (decoder_first_pipeline_num_layers in args)."""
+    from ckptconv import hf_to_megatron
+    from ckptconv.engine.reshard import reshard
+    from mcore_harness import megatron_logits
+    from tiny_models import hf_logits, tokens
+
+    src = hf_model_dir("llama-3layer")
+    hf_to_megatron(src, tmp_path / "a", ckpt_format="torch", impl="local", show_progress=False)
+    reshard(tmp_path / "a", tmp_path / "b", ckpt_format="torch", pp=2, first_stage_layers=1, show_progress=False)
+    ids = tokens(vocab=250)
+    diff = (megatron_logits(tmp_path / "b", ids) - hf_logits(src, ids)).abs().max().item()
+    assert diff < 1e-4, diff
