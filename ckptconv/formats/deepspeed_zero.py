@@ -98,8 +98,13 @@ class ZeroOptimFiles:
             raise LayoutError(e.what, path=self.files[0].path, fix=e.fix) from None
 
     def read(self, pieces: list[Piece], shape: tuple[int, ...]) -> torch.Tensor:
-        parts = [self.flat[p.rank][p.group].load_slice(0, p.start, p.stop) for p in pieces]
-        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        first = self.flat[pieces[0].rank][pieces[0].group]
+        flat = torch.empty(sum(p.stop - p.start for p in pieces), dtype=first.dtype)
+        at = 0
+        for p in pieces:        # each rank's piece is read straight into its place
+            n = p.stop - p.start
+            self.flat[p.rank][p.group].load_slice(0, p.start, p.stop, out=flat[at:at + n])
+            at += n
         return flat.view(shape)
 
     def close(self) -> None:

@@ -68,13 +68,28 @@ class LazyTensor:
         """Elements from storage_offset to the last one the view touches (inclusive)."""
         return 0 if self.numel == 0 else 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
 
-    def load_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
-        """``load()`` narrowed to ``start:stop`` along ``dim``, reading only the bytes it spans."""
+    def load_slice(self, dim: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``load()`` narrowed to ``start:stop`` along ``dim``, reading only the bytes it spans;
+        with ``out`` (a tensor of the slice's shape and dtype) the values land there, and a
+        contiguous little-endian slice is read straight into it (no intermediate copy)."""
         if not 0 <= start <= stop <= self.shape[dim]:
             raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {self.shape}")
         shape = self.shape[:dim] + (stop - start,) + self.shape[dim + 1:]
-        return LazyTensor(self._ref, self.dtype, self.storage_offset + start * self.stride[dim],
-                          shape, self.stride, self._flags, self.name).load()
+        part = LazyTensor(self._ref, self.dtype, self.storage_offset + start * self.stride[dim],
+                          shape, self.stride, self._flags, self.name)
+        if out is None:
+            return part.load()
+        if tuple(out.shape) != shape or out.dtype != self.dtype:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the slice is {shape} {self.dtype}")
+        direct = (out.is_contiguous() and not any(self._flags) and not self._ref.archive.big_endian
+                  and part.numel and _row_major(shape, self.stride))
+        if direct:
+            isz = self.dtype.itemsize
+            self._ref.archive.read(self._ref.key, part.storage_offset * isz, part.numel * isz, self.name,
+                                   out=out.view(-1).view(torch.uint8))
+        else:
+            out.copy_(part.load())
+        return out
 
     def load(self) -> torch.Tensor:
         """The logical values as a fresh contiguous CPU tensor."""
@@ -131,8 +146,10 @@ class _Archive:
         self.closed = True
         _close_quietly(self.zf, self.fh)
 
-    def read(self, key: str, start: int, length: int, tensor: str | None) -> torch.Tensor:
-        """Bytes ``[start, start+length)`` of record ``data/<key>`` as a fresh uint8 tensor."""
+    def read(self, key: str, start: int, length: int, tensor: str | None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes ``[start, start+length)`` of record ``data/<key>`` as a fresh uint8 tensor, or
+        read straight into ``out`` (a contiguous uint8 tensor of ``length`` bytes)."""
         if self.closed:
             raise ValueError(f"LazyTensor {tensor or key} read after its TorchFile ({self.path}) "
                              "was closed; load it inside the with-block or use load_tree()")
@@ -152,7 +169,7 @@ class _Archive:
                 raise CorruptCheckpoint(f"bad zip local header for {rec}", path=self.path,
                                         tensor=tensor, fix=_REFETCH)
             self._data_at[rec] = info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30]))
-        buf = torch.empty(length, dtype=torch.uint8)
+        buf = torch.empty(length, dtype=torch.uint8) if out is None else out
         view, got = memoryview(buf.numpy()), 0
         self.fh.seek(self._data_at[rec] + start)
         while got < length:
@@ -162,6 +179,15 @@ class _Archive:
                                         "bytes)", path=self.path, tensor=tensor, fix=_REFETCH)
             got += n
         return buf
+
+
+def _row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, st in zip(reversed(shape), reversed(stride)):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _close_quietly(*handles: Any) -> None:

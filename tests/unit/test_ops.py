@@ -4,7 +4,6 @@ import torch
 
 from ckptconv.families import family_by_name
 from ckptconv.ops import OpContext, get_op
-from tiny_models import BASE  # noqa: F401  (conftest puts tests/ on sys.path)
 
 
 def ctx(heads=8, kv=4, head_dim=8, vocab=250, padded=256):

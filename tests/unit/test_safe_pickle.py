@@ -358,3 +358,20 @@ def test_tensors_with_python_state(tmp_path):
     with TorchFile(path) as tf:
         assert isinstance(tf.obj["t"], LazyTensor) and isinstance(tf.obj["p"], LazyTensor)
         assert torch.equal(tf.obj["t"].load(), t.detach()) and torch.equal(tf.obj["p"].load(), p.detach())
+
+
+def test_load_slice_into_out_buffer(tmp_path):
+    """load_slice(out=) puts exactly the slice's values into a caller's buffer (direct read for
+    contiguous slices, a copy for strided ones) and refuses a mismatched buffer."""
+    a, b = torch.randn(100), torch.randn(10, 7)
+    torch.save({"a": a, "b": b, "bt": b.t()}, tmp_path / "x.pt")
+    with TorchFile(tmp_path / "x.pt") as f:
+        big = torch.zeros(60)
+        f.obj["a"].load_slice(0, 20, 50, out=big[10:40])
+        assert torch.equal(big[10:40], a[20:50]) and not big[:10].any() and not big[40:].any()
+        rows = torch.empty(3, 7)
+        assert torch.equal(f.obj["b"].load_slice(0, 2, 5, out=rows), b[2:5])
+        cols = torch.empty(7, 3)
+        assert torch.equal(f.obj["bt"].load_slice(1, 2, 5, out=cols), b.t()[:, 2:5])
+        with pytest.raises(ValueError):
+            f.obj["a"].load_slice(0, 0, 5, out=torch.empty(4))
