@@ -81,8 +81,11 @@ def test_ctrl_c_and_sigterm_clean_up(tmp_path, sig, code):
     dst = tmp_path / "mg"
     interrupted = 0
     for _ in range(3):      # a run that finishes before the signal lands is retried
+        # as in a terminal: a job started in the background by a non-interactive shell (as CI
+        # runs us) inherits SIGINT ignored, and a Unix program keeps an ignored SIGINT ignored
         proc = subprocess.Popen([*CLI, "hf-to-megatron", str(src), str(dst), "--tp", "2"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while not leftovers(dst) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
