@@ -2,8 +2,8 @@
 
 Every op has ``forward(hf_tensors) -> megatron_tensor`` and ``inverse(megatron_tensor) ->
 hf_tensors``; ``inverse(forward(x)) == x`` exactly. ``forward_shape`` gives the result shape
-from input shapes alone so plans are made without touching tensor bytes. No I/O, no
-torch.distributed here.
+from input shapes alone so plans are made without touching tensor bytes. No I/O and no
+inter-process communication here.
 """
 from __future__ import annotations
 
