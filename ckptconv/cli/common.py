@@ -15,6 +15,9 @@ EXIT_INPUT_ERROR = 2
 
 debug_option = click.option("--debug", is_flag=True, help="Show full tracebacks.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary.")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace DST (only after the new output is complete).")
+nonfinite_option = click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
 dtype_option = click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto",
                             show_default=True, help="Output dtype; auto keeps each tensor's source dtype.")
 

@@ -5,7 +5,8 @@ import click
 
 from ..engine.deepspeed_convert import deepspeed_to_hf
 from ..formats.deepspeed_zero import WEIGHTS
-from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, human_bytes, json_option
+from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, human_bytes,
+                     json_option, nonfinite_option, overwrite_option)
 
 
 def deepspeed_text(s: dict) -> str:
@@ -32,8 +33,8 @@ def deepspeed_text(s: dict) -> str:
 @dtype_option
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print what would be written; read and write no tensor.")
-@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
-@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@overwrite_option
+@nonfinite_option
 @json_option
 @debug_option
 @handle_errors

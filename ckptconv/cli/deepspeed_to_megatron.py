@@ -7,7 +7,8 @@ from ..engine.deepspeed_convert import deepspeed_to_megatron
 from ..formats.deepspeed_zero import WEIGHTS
 from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
-from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
+from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option,
+                     nonfinite_option, overwrite_option, plan_text)
 from .hf_to_megatron import parse_iteration
 
 
@@ -29,8 +30,8 @@ from .hf_to_megatron import parse_iteration
 @click.option("--make-vocab-size-divisible-by", "divisible_by", type=int, default=128, show_default=True)
 @click.option("--iteration", default="release", show_default=True, help="'release' or an iteration number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
-@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
-@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@overwrite_option
+@nonfinite_option
 @json_option
 @debug_option
 @handle_errors

@@ -6,7 +6,8 @@ import click
 from ..engine.convert import hf_to_megatron
 from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
-from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
+from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option,
+                     nonfinite_option, overwrite_option, plan_text)
 
 
 def parse_iteration(value: str) -> int | str:
@@ -37,8 +38,8 @@ def parse_iteration(value: str) -> int | str:
 @click.option("--iteration", default="release", show_default=True, help="'release' or an iteration number.")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Hugging Face hub cache for repo ids.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
-@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
-@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@overwrite_option
+@nonfinite_option
 @json_option
 @debug_option
 @handle_errors

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from ..engine.convert import megatron_to_hf
-from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option, plan_text
+from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option,
+                     nonfinite_option, overwrite_option, plan_text)
 
 
 @click.command("megatron-to-hf")
@@ -16,8 +17,8 @@ from .common import debug_option, dtype_arg, dtype_option, emit, handle_errors, 
 @dtype_option
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
-@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
-@click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
+@overwrite_option
+@nonfinite_option
 @json_option
 @debug_option
 @handle_errors

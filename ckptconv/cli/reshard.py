@@ -7,7 +7,7 @@ from ..engine.reshard import reshard
 from ..engine.reshard_workers import env_rank
 from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
-from .common import debug_option, emit, handle_errors, json_option, plan_text
+from .common import debug_option, emit, handle_errors, json_option, overwrite_option, plan_text
 
 
 @click.command("reshard")
@@ -27,7 +27,7 @@ from .common import debug_option, emit, handle_errors, json_option, plan_text
               help="Key space of the norms in per-rank output [default: the source model's].")
 @click.option("--iteration", default="latest", show_default=True, help="'latest', 'release' or a number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
-@click.option("--overwrite", is_flag=True, help="Replace DST (only after the new output is complete).")
+@overwrite_option
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Local processes writing the output files in parallel (each reads only what its files need).")
 @click.option("--launcher", type=click.Choice(["local", "torchrun"]), default="local", show_default=True,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import pickle
 import struct
 import weakref
@@ -59,10 +60,7 @@ class LazyTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def _span(self) -> int:
         """Elements from storage_offset to the last one the view touches (inclusive)."""
