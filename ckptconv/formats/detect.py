@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..errors import UnknownFormat
 from .deepspeed_common import is_deepspeed
-from .megatron_dist import is_dist_checkpoint
+from .megatron_dist_detect import is_dist_checkpoint
 from .megatron_torch import LATEST, is_iteration_dir
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

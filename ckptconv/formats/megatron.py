@@ -10,15 +10,38 @@ write(name, full_logical_tensor) in any order, close()/abort(); context manager.
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import UnknownFormat
-from .megatron_dist import MegatronDistReader
-from .megatron_dist_write import MegatronDistWriter
-from .megatron_torch import MegatronTorchReader, MegatronTorchWriter
 
-READERS = {"megatron_torch": MegatronTorchReader, "megatron_torch_dist": MegatronDistReader}
-WRITERS = {"torch": MegatronTorchWriter, "torch_dist": MegatronDistWriter}
+
+class LazyRegistry(Mapping):
+    """name -> class, each given as "module:attribute" (relative to this package) and imported on
+    first lookup: asking which formats exist (``in``, ``sorted``) imports nothing, and the
+    torch_dist classes (which import torch.distributed.checkpoint, ~1.5 s) load only when used."""
+
+    def __init__(self, entries: dict[str, str]):
+        self._entries, self._loaded = dict(entries), {}
+
+    def __getitem__(self, name: str):
+        if name not in self._loaded:
+            module, attr = self._entries[name].split(":")
+            self._loaded[name] = getattr(importlib.import_module(module, __package__), attr)
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+
+READERS = LazyRegistry({"megatron_torch": ".megatron_torch:MegatronTorchReader",
+                        "megatron_torch_dist": ".megatron_dist:MegatronDistReader"})
+WRITERS = LazyRegistry({"torch": ".megatron_torch:MegatronTorchWriter",
+                        "torch_dist": ".megatron_dist_write:MegatronDistWriter"})
 
 
 def open_megatron_reader(path: Path, fmt: str, iteration: str | int = "latest"):

@@ -29,45 +29,17 @@ from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
 from .dcp_slices import DcpStore
 from .megatron_args import layout_from_args
+from .megatron_dist_detect import METADATA_JSON, dist_backend, is_dist_checkpoint  # noqa: F401 (re-exported)
 from .megatron_names import to_canonical
 from .megatron_torch import LATEST, iteration_dir_name, resolve_iteration_dir
 from .safe_pickle import TorchFile
 
-METADATA_JSON = "metadata.json"
 COMMON_FILE = "common.pt"
 BACKEND = "torch_dist"
 STACKED = re.compile(r"^decoder\.layers\.(?!\d)(.+)$")
 SHARD = re.compile(r"^(?P<key>[^/]+)/shard_(?P<offset>[\d.]+)_(?P<shape>[\d.]+)$")
 # top-level groups of Megatron-LM training state; never model weights
 TRAINING_STATE = ("optimizer", "rng_state", "opt_param_scheduler", "rerun_state_machine")
-
-
-def dist_backend(path: Path) -> str | None:
-    """The `sharded_backend` named by ``path``/metadata.json, or None if there is none."""
-    f = Path(path) / METADATA_JSON
-    if not f.is_file():
-        return None
-    try:
-        backend = json.loads(f.read_text()).get("sharded_backend")
-    except (ValueError, OSError, AttributeError):
-        return None
-    return backend if isinstance(backend, str) else None
-
-
-def is_dist_checkpoint(path: Path) -> bool:
-    """A distributed-checkpoint iteration directory, or a root whose tracker / iter_* / release
-    directory is one (checked from file names and metadata.json only)."""
-    p = Path(path)
-    if dist_backend(p):
-        return True
-    marker = p / LATEST
-    if marker.is_file():
-        name = marker.read_text().strip()
-        if name == "release" or name.isdigit():
-            target = p / iteration_dir_name(name if name == "release" else int(name))
-            if target.is_dir():
-                return dist_backend(target) is not None
-    return any(dist_backend(c) for c in p.iterdir() if c.is_dir() and (c.name == "release" or c.name.startswith("iter_")))
 
 
 def resolve_dist_iteration_dir(root: Path, iteration: str | int = "latest") -> Path:
