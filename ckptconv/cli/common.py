@@ -9,7 +9,6 @@ import sys
 import click
 
 from ..errors import CkptError
-from ..types import DTYPE_NAMES, parse_dtype
 
 EXIT_INPUT_ERROR = 2
 
@@ -18,7 +17,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print a mach
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Replace DST (only after the new output is complete).")
 nonfinite_option = click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf.")
-dtype_option = click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto",
+# the names of ckptconv.types.DTYPE_NAMES, spelled out so that loading a command imports no torch
+DTYPE_CHOICES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+dtype_option = click.option("--dtype", type=click.Choice(["auto", *DTYPE_CHOICES]), default="auto",
                             show_default=True, help="Output dtype; auto keeps each tensor's source dtype.")
 
 
@@ -72,6 +73,7 @@ def emit(summary: dict, as_json: bool, text: str) -> None:
 
 
 def dtype_arg(name: str):
+    from ..types import parse_dtype
     return parse_dtype(name)
 
 

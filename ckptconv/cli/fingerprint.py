@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..engine.convert import load_hf_config_arg
-from ..verify.fingerprint import fingerprint_checkpoint
+from ..prefetch import start_prefetch
 from .common import debug_option, handle_errors
 
 
@@ -20,6 +19,10 @@ from .common import debug_option, handle_errors
 @handle_errors
 def command(ckpt, output, iteration, hf_config):
     """Fingerprint every logical parameter of CKPT (HF names, SHA-256 of the values)."""
+    start_prefetch([ckpt])          # the disk reads while torch imports (cold cache)
+    from ..engine.convert import load_hf_config_arg
+    from ..verify.fingerprint import fingerprint_checkpoint
+
     manifest = fingerprint_checkpoint(ckpt, iteration=iteration, hf_config=load_hf_config_arg(hf_config))
     if output == "-":
         click.echo(manifest.dumps(), nl=False)

@@ -5,8 +5,8 @@
 * `read(fqn, offsets, sizes)`: any box of a global tensor, assembled from the stored chunks
   that overlap it. Each chunk is a `torch.save` record at (file, offset, length) inside a
   `__R_K.distcp` file; it is opened through our safe unpickler (`TorchFile` over a window of
-  the file) and only the bytes of the part that is needed are read (`LazyTensor.load_slice`
-  along the first dimension the box cuts; exact for dim 0);
+  the file; parsed once per record) and only the bytes of the part that is needed are read
+  (`LazyTensor.load_box`: a contiguous run goes straight into the caller's tensor);
 * `read_object(fqn)`: a BYTES item (Megatron stores `torch.save([obj])` there), safely.
 
 No process group, no `torch.load`, no megatron. Not thread-safe (one handle per file).
@@ -66,6 +66,7 @@ class DcpStore:
         self.metadata = load_metadata(self.directory)
         self._opener = opener or (lambda p: open(p, "rb"))  # noqa: SIM115
         self._handles: dict[str, BinaryIO] = {}
+        self._records: dict[tuple, LazyTensor] = {}
         self._tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                          if isinstance(v, TensorStorageMetadata)}
 
@@ -91,7 +92,14 @@ class DcpStore:
                                     f"({size} bytes)", path=path, tensor=index.fqn, fix="re-copy the file")
         return _Window(fh, info.offset, info.length), path
 
-    def _record(self, fqn: str, offsets) -> LazyTensor:
+    def _record(self, fqn: str, offsets: tuple[int, ...]) -> LazyTensor:
+        """The record of one chunk (its zip header is parsed once, then remembered)."""
+        key = (fqn, offsets)
+        if key not in self._records:
+            self._records[key] = self._parse_record(fqn, offsets)
+        return self._records[key]
+
+    def _parse_record(self, fqn: str, offsets: tuple[int, ...]) -> LazyTensor:
         window, path = self._window(MetadataIndex(fqn, offsets))
         f = TorchFile(f"{path}@{window._base}", opener=lambda _p: window)
         if not isinstance(f.obj, LazyTensor):
@@ -100,40 +108,35 @@ class DcpStore:
         return f.obj
 
     def read(self, fqn: str, offsets: tuple[int, ...] | None = None,
-             sizes: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The box ``offsets``/``sizes`` (default: all) of global tensor ``fqn``."""
+             sizes: tuple[int, ...] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The box ``offsets``/``sizes`` (default: all) of global tensor ``fqn``, assembled from the
+        chunks that overlap it; with ``out`` (a tensor of shape ``sizes``) it is read into ``out``
+        (a box that is one contiguous run of one record goes straight from the file into it)."""
         md = self._tensors[fqn]
         shape = tuple(md.size)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
         sizes = tuple(sizes) if sizes is not None else shape
-        out: torch.Tensor | None = None
+        if out is None:
+            out = torch.empty(sizes, dtype=md.properties.dtype)
+        elif tuple(out.shape) != sizes or out.dtype != md.properties.dtype:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the box is {sizes} {md.properties.dtype}")
         covered = 0
         for chunk in md.chunks:
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
             hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
             if any(a >= b for a, b in zip(lo, hi)) and shape:
                 continue
-            lazy = self._record(fqn, chunk.offsets)
+            lazy = self._record(fqn, tuple(chunk.offsets))
             if tuple(lazy.shape) != tuple(chunk.sizes) or lazy.dtype != md.properties.dtype:
                 raise CorruptCheckpoint(f"record is {tuple(lazy.shape)} {lazy.dtype}, metadata says "
                                         f"{tuple(chunk.sizes)} {md.properties.dtype}", path=self.directory,
                                         tensor=fqn, fix="the checkpoint is corrupt")
-            local = [(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets)]
-            cut = next((d for d, (a, b) in enumerate(local) if b - a != chunk.sizes[d]), None)
-            part = lazy.load() if cut is None else lazy.load_slice(cut, *local[cut])
-            for d, (a, b) in enumerate(local):
-                if d != cut and b - a != chunk.sizes[d]:
-                    part = part.narrow(d, a, b - a)
-            if tuple(lo) == offsets and tuple(hi) == tuple(o + s for o, s in zip(offsets, sizes)):
-                return part.contiguous()    # one chunk holds the whole box: no assembly copy
-            if out is None:
-                out = torch.empty(sizes, dtype=md.properties.dtype)
             dst = out
             for d, (a, b) in enumerate(zip(lo, hi)):
                 dst = dst.narrow(d, a - offsets[d], b - a)
-            dst.copy_(part)
+            lazy.load_box(tuple(a - c for a, c in zip(lo, chunk.offsets)), tuple(b - a for a, b in zip(lo, hi)), dst)
             covered += math.prod(b - a for a, b in zip(lo, hi))
-        if covered != math.prod(sizes) or out is None:
+        if covered != math.prod(sizes):
             raise CorruptCheckpoint(f"stored chunks cover {covered} of the {math.prod(sizes)} elements asked for "
                                     f"(box {offsets}+{sizes})", path=self.directory, tensor=fqn,
                                     fix="copy the complete checkpoint directory")
@@ -150,4 +153,4 @@ class DcpStore:
     def close(self) -> None:
         for fh in self._handles.values():
             fh.close()
-        self._handles = {}
+        self._handles, self._records = {}, {}

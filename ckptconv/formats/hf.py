@@ -171,8 +171,10 @@ class HFReader:
                 return e.lazy.load()
         return self._read_rows(e, 0, e.meta.shape[0] if e.meta.shape else None)
 
-    def read_slice(self, name: str, dim0_start: int, dim0_stop: int) -> torch.Tensor:
-        """Rows ``dim0_start:dim0_stop`` of a tensor, reading only those bytes."""
+    def read_slice(self, name: str, dim0_start: int, dim0_stop: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``dim0_start:dim0_stop`` of a tensor, reading only those bytes; with ``out`` (a
+        contiguous tensor of the slice's shape and dtype) they are read straight into it."""
         e = self._entry(name)
         shape = e.meta.shape
         if not shape or not 0 <= dim0_start <= dim0_stop <= shape[0]:
@@ -181,8 +183,8 @@ class HFReader:
                               fix="check the parallel split sizes against the config")
         if e.lazy is not None:  # reads only the rows' bytes
             with self._lock:
-                return e.lazy.load_slice(0, dim0_start, dim0_stop)
-        return self._read_rows(e, dim0_start, dim0_stop)
+                return e.lazy.load_slice(0, dim0_start, dim0_stop, out=out)
+        return self._read_rows(e, dim0_start, dim0_stop, out)
 
     def asset_files(self) -> list[Path]:
         """Tokenizer / generation files present next to the weights."""
@@ -210,7 +212,7 @@ class HFReader:
             raise MissingTensors("no such tensor in the checkpoint", path=self.path, tensor=name,
                                  fix="check the model family / tensor names") from None
 
-    def _read_rows(self, e: _Entry, start: int, stop: int | None) -> torch.Tensor:
+    def _read_rows(self, e: _Entry, start: int, stop: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
         m = e.meta
         if stop is None:  # 0-d tensor
             nbytes, shape, offset = m.nbytes, m.shape, e.offset
@@ -220,7 +222,9 @@ class HFReader:
                 row *= s
             nbytes, shape, offset = (stop - start) * row, (stop - start, *m.shape[1:]), \
                 e.offset + start * row
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != m.dtype or not out.is_contiguous()):
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the slice is {tuple(shape)} {m.dtype}")
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(-1).view(torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy()).cast("B")
             with self._lock:
@@ -228,7 +232,7 @@ class HFReader:
                 if f is None:
                     f = self._handles[e.file] = open(e.file, "rb")
                 read_into(f, offset, view, e.file, m.name)
-        return buf.view(m.dtype).reshape(shape)
+        return out if out is not None else buf.view(m.dtype).reshape(shape)
 
 
 class HFWriter:

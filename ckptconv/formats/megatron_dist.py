@@ -148,9 +148,10 @@ class MegatronDistReader:
         """The full logical tensor (one layer of a stacked tensor: only that layer's bytes)."""
         return self.read_slice(name)
 
-    def read_slice(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read_slice(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """``read(name)`` narrowed to ``start:stop`` along ``dim``, reading only the chunks (and
-        within a chunk only the rows) that hold it."""
+        within a chunk only the rows) that hold it; into ``out`` (the slice's shape) when given."""
         meta = self._metas.get(name)
         if meta is None:
             raise MissingTensors("no such tensor in the checkpoint", path=self.iter_dir, tensor=name,
@@ -164,8 +165,8 @@ class MegatronDistReader:
                 raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
             offsets[dim], sizes[dim] = start, stop - start
         if layer is None:
-            return self._store.read(key, offsets, sizes)
-        return self._store.read(key, [layer, *offsets], [1, *sizes])[0]
+            return self._store.read(key, offsets, sizes, out=out)
+        return self._store.read(key, [layer, *offsets], [1, *sizes], out=None if out is None else out.unsqueeze(0))[0]
 
     def read_extra_state(self, name: str) -> Any:
         """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""

@@ -195,6 +195,39 @@ class MegatronTorchReader:
             del local, parts
         return out
 
+    def read_slice(self, name: str, dim: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``read(name)`` narrowed to ``start:stop`` along ``dim``, reading from each TP rank's file
+        only the bytes of the slice it holds, into ``out`` (the slice's shape) when given. A slice
+        that is a contiguous run of one rank's piece goes straight from the file into ``out``."""
+        meta = self._metas[name]
+        if not meta.shape:
+            return self.read(name) if out is None else out.copy_(self.read(name))
+        if not 0 <= start <= stop <= meta.shape[dim]:
+            raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
+        shape = list(meta.shape)
+        shape[dim] = stop - start
+        if out is None:
+            out = torch.empty(shape, dtype=meta.dtype)
+        elif list(out.shape) != shape or out.dtype != meta.dtype:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the slice is {tuple(shape)} {meta.dtype}")
+        pieces = self._pieces[name]
+        kind = self.kind(name)
+        if kind == "replicated" or self.layout.tp == 1:
+            return pieces[0].load_slice(dim, start, stop, out=out)
+        for r, lazy in pieces.items():
+            at = 0                     # where this range starts in the rank's local tensor
+            for d, a, b in tp_pieces(kind, meta.shape, self.layout.tp, r, name):
+                lo, hi = (max(a, start), min(b, stop)) if d == dim else (a, b)
+                if lo < hi:
+                    offsets, sizes = [0] * len(shape), list(lazy.shape)
+                    offsets[d], sizes[d] = at + lo - a, hi - lo
+                    if d != dim:
+                        offsets[dim], sizes[dim] = start, stop - start
+                    dst = out.narrow(d, lo - (start if d == dim else 0), hi - lo)
+                    lazy.load_box(tuple(offsets), tuple(sizes), dst)
+                at += b - a
+        return out
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

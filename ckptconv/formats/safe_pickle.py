@@ -89,6 +89,31 @@ class LazyTensor:
             out.copy_(part.load())
         return out
 
+    def load_box(self, offsets: tuple[int, ...], sizes: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
+        """The box ``offsets``/``sizes`` of this tensor written into ``out`` (shape ``sizes``). A
+        box that is one contiguous run of a row-major record (leading dims of size 1, one partial
+        dim, full dims after it) is read straight into a contiguous ``out``."""
+        if tuple(out.shape) != tuple(sizes) or out.dtype != self.dtype:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the box is {tuple(sizes)} {self.dtype}")
+        if len(offsets) != len(self.shape) or any(o < 0 or o + n > full for o, n, full in zip(offsets, sizes, self.shape)):
+            raise IndexError(f"box {tuple(offsets)}+{tuple(sizes)} out of range for {self.shape}")
+        partial = [d for d, (o, n, full) in enumerate(zip(offsets, sizes, self.shape)) if (o, n) != (0, full)]
+        first = partial[0] if partial else len(sizes)
+        run = not partial or (all(n == 1 for n in sizes[:first]) and not partial[1:])
+        if run and out.is_contiguous() and not any(self._flags) and not self._ref.archive.big_endian \
+                and _row_major(self.shape, self.stride) and out.numel():
+            isz = self.dtype.itemsize
+            at = self.storage_offset + sum(o * st for o, st in zip(offsets, self.stride))
+            self._ref.archive.read(self._ref.key, at * isz, out.numel() * isz, self.name,
+                                   out=out.view(-1).view(torch.uint8))
+            return out
+        if not partial:
+            return out.copy_(self.load())
+        part = self.load_slice(first, offsets[first], offsets[first] + sizes[first])
+        for d in partial[1:]:
+            part = part.narrow(d, offsets[d], sizes[d])
+        return out.copy_(part)
+
     def load(self) -> torch.Tensor:
         """The logical values as a fresh contiguous CPU tensor."""
         if self.numel == 0:

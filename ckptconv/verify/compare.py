@@ -61,20 +61,18 @@ def reference(a: torch.Tensor, b_dtype: torch.dtype) -> tuple[torch.Tensor, str]
     return (a if a.dtype == b_dtype else a.to(b_dtype)), rule_for(a.dtype, b_dtype)
 
 
-def _memcmp_rows(x: torch.Tensor, y: torch.Tensor) -> bool | None:
-    """memcmp of two CPU tensors whose rows are contiguous; None if they are laid out otherwise.
-    (libc's memcmp stops at the first difference, allocates nothing and releases the GIL; torch's
-    elementwise equal runs several times slower, worse on a busy machine.)"""
+def _memcmp_contiguous(x: torch.Tensor, y: torch.Tensor) -> bool | None:
+    """memcmp of two contiguous CPU tensors; None if they are laid out otherwise. (libc's memcmp
+    stops at the first difference, allocates nothing and releases the GIL once; torch's
+    elementwise equal runs several times slower. Strided tensors go to one torch call instead of
+    a memcmp per row: each call would give up and re-take the GIL, which under the reader
+    threads' contention costs up to a switch interval per row.)"""
     if _memcmp is None or x.device.type != "cpu" or y.device.type != "cpu":
         return None
-    nbytes = x.numel() * x.element_size()
-    if x.is_contiguous() and y.is_contiguous():
-        return nbytes == 0 or _memcmp(x.data_ptr(), y.data_ptr(), nbytes) == 0
-    if x.dim() != 2 or x.stride(1) != 1 or y.stride(1) != 1:
+    if not (x.is_contiguous() and y.is_contiguous()):
         return None
-    row = x.shape[1] * x.element_size()
-    px, py, sx, sy = x.data_ptr(), y.data_ptr(), x.stride(0) * x.element_size(), y.stride(0) * y.element_size()
-    return all(_memcmp(px + i * sx, py + i * sy, row) == 0 for i in range(x.shape[0]))
+    nbytes = x.numel() * x.element_size()
+    return nbytes == 0 or _memcmp(x.data_ptr(), y.data_ptr(), nbytes) == 0
 
 
 def bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -84,7 +82,7 @@ def bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
         return False
     if x.dim() == 0:
         x, y = x.reshape(1), y.reshape(1)
-    fast = _memcmp_rows(x, y)
+    fast = _memcmp_contiguous(x, y)
     if fast is not None:
         return fast
     for dt in _INT_VIEWS:

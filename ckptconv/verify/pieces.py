@@ -1,15 +1,18 @@
 """The fast path of the tensor tier: compare a parameter piece by piece, without building the
 common-layout tensor on either side.
 
-B (the checkpoint under test) is read in its storage pieces (one TP shard's rows or columns via
-``read_slice``, when its reader offers it; else whole). For each piece, the family op's forward
-applied to row *indices* (``row_map``) says which rows of which of A's tensors it must equal, so
-A is read as matching row runs (``read_slice`` on A too) and compared as contiguous views: no
-fused / assembled copies, and small reads that the allocator recycles. Any difference sends the
-whole group to the slow path (full tensors, figures, diagnosis).
+Each parameter is walked in row pieces of at most RUN_BYTES (cut also at a Megatron side's TP
+piece boundaries). A Megatron side reads a piece with ``read_slice`` (only the bytes of each TP
+rank's file that hold it); for an HF side in Megatron layout, the family op's forward applied to
+row *indices* (``row_map``) says which rows of which HF tensors the piece holds, read as row runs.
+Reads land in two alternating, cache-sized scratch buffers per side (``Scratch``) and are
+compared as contiguous views, so the bytes are touched while they are still in the CPU cache:
+no fused / assembled copies, no fresh pages. Any difference sends the whole group to the slow
+path (full tensors, figures, diagnosis).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,9 +21,10 @@ import torch
 from ..errors import LayoutError
 from ..ops import OpContext, get_op
 from ..plan.megatron_layout import tp_kind, tp_pieces
+from ..types import TensorMeta
 from .compare import values_equal
 
-RUN_BYTES = 16 << 20          # A is read in row runs of at most this many bytes
+RUN_BYTES = 4 << 20           # pieces and A's row runs: at most this many bytes (cache-friendly)
 
 
 @dataclass(frozen=True)
@@ -69,50 +73,81 @@ def piece_runs(op: str, in_rows: tuple[int, ...], cfg, padded: int, start: int, 
     return tuple(out)
 
 
-def storage_pieces(name: str, shape: tuple[int, ...], side, row_bytes: int) -> list[Piece]:
-    """How a parameter is walked: the TP pieces of a Megatron side whose reader slices (they are
-    its storage chunks), row chunks of an HF side, else the whole tensor in one piece."""
+def row_pieces(name: str, shape: tuple[int, ...], row_bytes: int, sides) -> list[Piece]:
+    """How a parameter is walked: runs of at most RUN_BYTES of rows, cut also where a Megatron
+    side's TP pieces start (so each piece is one contiguous stretch of one rank's storage)."""
     rows = shape[0] if shape else 0
-    reader = getattr(side, "reader", None)
-    if side.kind == "megatron":
-        if not hasattr(reader, "read_slice") or side.layout.tp < 2 or not shape:
-            return [Piece(name, 0, 0, rows)]
+    cuts = set(range(0, rows, max(1, RUN_BYTES // max(row_bytes, 1))))
+    for side in sides:
+        if side.kind != "megatron" or side.layout.tp < 2 or not shape:
+            continue
         try:
             kind = tp_kind(name)
-            ranges = [r for t in range(side.layout.tp) for r in tp_pieces(kind, shape, side.layout.tp, t, name)]
+            cuts |= {a for t in range(side.layout.tp) for d, a, _ in tp_pieces(kind, shape, side.layout.tp, t, name)
+                     if d == 0 and kind != "replicated"}
         except LayoutError:
-            return [Piece(name, 0, 0, rows)]
-        return [Piece(name, 0, 0, rows)] if kind == "replicated" else [Piece(name, d, a, b) for d, a, b in ranges]
-    step = max(1, RUN_BYTES // max(row_bytes, 1))
-    return [Piece(name, 0, a, min(a + step, rows)) for a in range(0, rows, step)] or [Piece(name, 0, 0, 0)]
+            continue
+    bounds = sorted(c for c in cuts if 0 <= c < rows) + [rows]
+    return [Piece(name, 0, a, b) for a, b in zip(bounds, bounds[1:])] or [Piece(name, 0, 0, 0)]
+
+
+class Scratch:
+    """Two alternating scratch buffers for one side's reads. The walk keeps one task in flight
+    while the previous one is compared, so task k's tensors live in buffer k % 2 and are only
+    overwritten two tasks later; after the first few tasks no read allocates (fresh pages cost a
+    page fault and zeroing each: on a warm page cache that was most of verify's time)."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._cur, self._used = 0, 0
+
+    def next_task(self) -> None:
+        self._cur, self._used = self._cur ^ 1, 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        start = -(-self._used // self.ALIGN) * self.ALIGN
+        buf = self._bufs[self._cur]
+        if buf is None or buf.numel() < start + n:     # grow; earlier views keep the old buffer alive
+            buf = self._bufs[self._cur] = torch.empty(max(start + n, 2 * (0 if buf is None else buf.numel())),
+                                                      dtype=torch.uint8)
+        self._used = start + n
+        return buf[start:start + n].view(dtype).view(shape)
 
 
 class PieceReader:
-    """Reads pieces of one side in the common layout (keeps at most one whole tensor cached)."""
+    """Reads pieces of one side in the common layout into its ``Scratch`` buffers (keeps at most
+    one whole tensor cached for readers that cannot slice)."""
 
     def __init__(self, side, space: str, padded: int):
         self.side, self.space, self.padded = side, space, padded
         self._whole: tuple[str, torch.Tensor] | None = None
+        self.scratch = Scratch()
 
     def _slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         s = self.side
         if s.kind == "megatron" and hasattr(s.reader, "read_slice"):
-            return s.reader.read_slice(name, dim, start, stop)
+            return s.reader.read_slice(name, dim, start, stop, out=self._out(s.meta(name), dim, start, stop))
         src = getattr(s, "source", None)
         if dim == 0 and s.kind != "megatron" and hasattr(src, "read_slice"):
-            return src.read_slice(name, start, stop)
+            return src.read_slice(name, start, stop, out=self._out(s.hf_meta(name), 0, start, stop))
         if self._whole is None or self._whole[0] != name:
             self._whole = None
             self._whole = (name, s.read(name) if s.kind == "megatron" else src.read(name))
         return self._whole[1].narrow(dim, start, stop - start)
+
+    def _out(self, meta: TensorMeta, dim: int, start: int, stop: int) -> torch.Tensor:
+        shape = list(meta.shape)
+        shape[dim] = stop - start
+        return self.scratch.take(tuple(shape), meta.dtype)
 
     def runs(self, p: Piece, mapping, in_metas: list | None) -> list[tuple[int, torch.Tensor]]:
         """This side's values of piece ``p`` as (row offset within the piece, tensor) runs
         (vocab padding rows of an HF side in Megatron layout are absent)."""
         if self.side.kind == "megatron" or self.space == "hf" or mapping is None:
             return [(0, self._slice(p.name, p.dim, p.start, p.stop))]
-        if p.dim == 1:           # a row-parallel piece of an identity-mapped tensor
-            return [(0, self._slice(mapping.hf[0], 1, p.start, p.stop))]
         rows = tuple(m.shape[0] for m in in_metas)
         row_bytes = in_metas[0].nbytes // max(rows[0], 1)
         return [(off, self._slice(mapping.hf[comp], 0, first, first + n)) for off, comp, first, n

@@ -85,6 +85,9 @@ class MegatronSide:
     def mg_metas(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
 
+    def meta(self, name: str) -> TensorMeta:
+        return self._metas[name]
+
     def read(self, name: str) -> torch.Tensor:
         return self.reader.read(name)
 

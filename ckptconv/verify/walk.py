@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from .groups import Group, read_group
-from .pieces import Piece, PieceReader, runs_equal, storage_pieces
+from .pieces import Piece, PieceReader, row_pieces, runs_equal
 
 
 def prefetched(items: list, load_a: Callable, load_b: Callable) -> Iterator[tuple[object, object, object]]:
@@ -55,11 +55,11 @@ class Walker:
         lead = self.sb if self.sb.kind == "megatron" or self.sa.kind != "megatron" else self.sa
         for n in g.names:
             meta = g.b[n] if lead is self.sb else g.a[n]
-            row_bytes = meta.nbytes // max(meta.shape[0], 1)
-            for p in storage_pieces(n, meta.shape, lead, row_bytes):
+            row_bytes = meta.nbytes // max(meta.shape[0], 1) if meta.shape else meta.nbytes
+            for p in row_pieces(n, meta.shape, row_bytes, (self.sa, self.sb)):
                 if g.op == "vocab" and self.space == "megatron":       # real rows only
                     p = Piece(p.name, p.dim, p.start, min(p.stop, self.sa.cfg.vocab_size))
-                    if p.dim == 0 and p.stop <= p.start:
+                    if p.stop <= p.start:
                         continue
                 out.append(p)
         return out
@@ -72,6 +72,7 @@ class Walker:
             if gi in self.failed:
                 return None
             side = self.sa if key == "a" else self.sb
+            self.readers[key].scratch.next_task()
             ins = None
             if g.mapping is not None and side.kind == "hf" and self.space == "megatron":
                 ins = [side.hf_meta(n) for n in g.mapping.hf]

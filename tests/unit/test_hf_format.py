@@ -399,3 +399,15 @@ def test_resolve_unknown_repo_offline(tiny, tmp_path, monkeypatch):
         assert src in str(ei.value) and "Fix:" in str(ei.value)
     with pytest.raises(UnknownFormat, match="neither"):
         resolve_hf_source("not a/valid/repo id", cache_dir=tmp_path / "cache")
+
+
+def test_read_slice_into_out(tiny):
+    """read_slice(out=) puts the rows into the caller's buffer (safetensors and legacy .bin) and
+    refuses a buffer of the wrong shape."""
+    name = "model.embed_tokens.weight"
+    with HFReader(tiny["root"] / "single") as r:
+        buf = torch.empty(8, 64, dtype=r.tensors()[name].dtype)
+        got = r.read_slice(name, 10, 18, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, tiny["sd"][name][10:18])
+        with pytest.raises(ValueError):
+            r.read_slice(name, 10, 17, out=buf)

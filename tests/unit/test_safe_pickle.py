@@ -375,3 +375,27 @@ def test_load_slice_into_out_buffer(tmp_path):
         assert torch.equal(f.obj["bt"].load_slice(1, 2, 5, out=cols), b.t()[:, 2:5])
         with pytest.raises(ValueError):
             f.obj["a"].load_slice(0, 0, 5, out=torch.empty(4))
+
+
+def test_load_box_direct_and_strided(tmp_path):
+    """load_box fills ``out`` with exactly the box: contiguous runs of a row-major record (leading
+    size-1 dims, one partial dim, full dims after) are read straight from the file, anything else
+    is copied; every case equals plain indexing and bad boxes are refused."""
+    x = torch.randn(4, 6, 5)
+    torch.save({"x": x, "xt": x.transpose(1, 2)}, tmp_path / "x.pt")
+    cases = [((0, 0, 0), (4, 6, 5)), ((2, 0, 0), (1, 6, 5)), ((1, 2, 0), (1, 3, 5)), ((0, 2, 0), (4, 3, 5)),
+             ((3, 5, 1), (1, 1, 3)), ((1, 0, 2), (2, 6, 2))]
+    with TorchFile(tmp_path / "x.pt") as f:
+        for lazy, ref in ((f.obj["x"], x), (f.obj["xt"], x.transpose(1, 2))):
+            for off, size in cases:
+                size = tuple(min(s, r - o) for o, s, r in zip(off, size, ref.shape))
+                out = torch.full(size, float("nan"))
+                want = ref[tuple(slice(o, o + s) for o, s in zip(off, size))]
+                assert torch.equal(lazy.load_box(off, size, out), want), (off, size)
+                wide = torch.full((size[0], size[1], size[2] + 2), float("nan"))      # a strided out
+                lazy.load_box(off, size, wide[..., 1:-1])
+                assert torch.equal(wide[..., 1:-1], want) and wide[..., 0].isnan().all()
+        with pytest.raises(IndexError):
+            f.obj["x"].load_box((3, 0, 0), (2, 6, 5), torch.empty(2, 6, 5))
+        with pytest.raises(ValueError):
+            f.obj["x"].load_box((0, 0, 0), (1, 6, 5), torch.empty(1, 6, 4))

@@ -1,0 +1,48 @@
+"""The read-ahead hint that verify / fingerprint start before importing torch."""
+import os
+
+import pytest
+
+from ckptconv.cli.common import DTYPE_CHOICES
+from ckptconv.prefetch import data_files, plan, start_prefetch
+from ckptconv.types import DTYPE_NAMES
+
+
+@pytest.fixture
+def two_ckpts(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b" / "iter_0000001" / "mp_rank_00"
+    a.mkdir()
+    b.mkdir(parents=True)
+    for name, size in (("model-00001-of-00002.safetensors", 300), ("model-00002-of-00002.safetensors", 100),
+                       ("config.json", 10)):
+        (a / name).write_bytes(b"x" * size)
+    (b / "model_optim_rng.pt").write_bytes(b"y" * 200)
+    (tmp_path / "b" / ".hidden-tmp").mkdir()
+    (tmp_path / "b" / ".hidden-tmp" / "x.pt").write_bytes(b"z")
+    return a, tmp_path / "b"
+
+
+def test_plan_interleaves_data_files_within_budget(two_ckpts):
+    a, b = two_ckpts
+    assert [f.name for f in data_files(a)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [f.name for f in data_files(b)] == ["model_optim_rng.pt"]          # hidden dirs skipped
+    full = plan([a, b], budget=10**6)
+    assert [(f.name, n) for f, n in full] == [("model-00001-of-00002.safetensors", 300), ("model_optim_rng.pt", 200),
+                                              ("model-00002-of-00002.safetensors", 100)]
+    cut = plan([a, b], budget=400)
+    assert [(f.name, n) for f, n in cut] == [("model-00001-of-00002.safetensors", 300), ("model_optim_rng.pt", 100)]
+    assert plan([a / "missing"], budget=100) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no read-ahead hint on this platform")
+def test_start_prefetch_runs_in_the_background(two_ckpts):
+    a, b = two_ckpts
+    t = start_prefetch([a, b])
+    assert t is not None and t.daemon
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert start_prefetch([a / "missing"]) is None
+
+
+def test_cli_dtype_choices_match_the_library():
+    assert set(DTYPE_CHOICES) == set(DTYPE_NAMES)
