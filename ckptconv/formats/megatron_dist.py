@@ -17,7 +17,6 @@ model tensors; they are listed in `common` / `other_state`.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -29,9 +28,9 @@ from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
 from .dcp_slices import DcpStore
 from .megatron_args import layout_from_args
-from .megatron_dist_detect import METADATA_JSON, dist_backend, is_dist_checkpoint  # noqa: F401 (re-exported)
+from .megatron_dist_detect import METADATA_JSON, dist_backend  # noqa: F401 (METADATA_JSON re-exported)
 from .megatron_names import to_canonical
-from .megatron_torch import LATEST, iteration_dir_name, resolve_iteration_dir
+from .megatron_torch import resolve_iteration_dir
 from .safe_pickle import TorchFile
 
 COMMON_FILE = "common.pt"
