@@ -28,6 +28,7 @@ from ..formats.megatron_names import IMPLS
 from ..plan.megatron_layout import MegatronLayout, pad_vocab_size
 from ..plan.planner import TIED_COPY
 from ..types import TensorMeta
+from ..verify.manifest import MANIFEST_NAME
 from .reshard_workers import ReshardJob, check_workers, env_rank, run_local, run_torchrun, shares, write_share
 
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -169,6 +170,7 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
                     write_share(reader, plan, tmp, ckpt_format, show_progress=show_progress)
                 else:
                     run_local(job, tmp, workers)
+            summary["manifest"] = str(dst / MANIFEST_NAME) if (dst / MANIFEST_NAME).is_file() else None
             return summary
     run_torchrun(job, dst, overwrite=overwrite)
     return summary

@@ -32,6 +32,7 @@ from ..plan.megatron_layout import local_shape, tp_kind
 from .megatron_as_hf import HF_ASSETS_DIR
 from .memory import release_freed_memory
 from .progress import progress
+from .reshard_manifest import ShareFingerprints, merge_parts
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,15 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, rank: int = 0, wor
         writer = SharedDistWriter(out, plan.layout, plan.metas, share=share, rank=rank, group=group, **kwargs)
     wanted = [m for m in plan.metas if share is None or (writer.holds(m.name) if ckpt_format == "torch"
                                                          else m.name in share)]
+    fingerprints = ShareFingerprints(reader, plan.padded_vocab[0])
     with writer:
         for m in progress(wanted, desc="reshard" if world == 1 else f"reshard {rank}", enabled=show_progress):
             t = reader.read(m.name)
             writer.write(m.name, _repad(t, m.shape[0]) if m.name in VOCAB_ROWS else t)
+            fingerprints.add(m.name, t)
             del t
             release_freed_memory()
+    fingerprints.write(out, rank, world)
     assets = reader.root / HF_ASSETS_DIR
     if rank == 0 and assets.is_dir():
         shutil.copytree(assets, out / HF_ASSETS_DIR)
@@ -150,6 +154,7 @@ def run_local(job: ReshardJob, out: Path, workers: int, *, timeout_s: float = 24
                 if p.is_alive():
                     p.terminate()
                 p.join(timeout=5)
+    merge_parts(out, workers)
 
 
 def _worker_main(rank: int, job: ReshardJob, out: str, world: int, tmp: str, timeout_s: float) -> None:
@@ -233,6 +238,7 @@ def run_torchrun(job: ReshardJob, dst: Path, *, overwrite: bool = False) -> int:
         dist.broadcast_object_list([str(tmp)], src=0)
         try:
             _share_and_report(job, tmp, rank, world)
+            merge_parts(tmp, world)
         except BaseException as e:
             if not ctx.__exit__(type(e), e, e.__traceback__):
                 raise

@@ -90,6 +90,21 @@ def assert_same(fmt, a, b):
         assert_same_logical(a, b)
 
 
+def assert_manifest_of(src, out, summary=None):
+    """The reshard output carries the manifest of its values (the source's fingerprint, which does
+    not depend on TP/PP/format), no worker part files, and verifies against it."""
+    from ckptconv.verify.equivalence import verify_checkpoints
+    from ckptconv.verify.fingerprint import fingerprint_checkpoint
+    from ckptconv.verify.manifest import MANIFEST_NAME, load_manifest
+
+    written = load_manifest(Path(out) / MANIFEST_NAME)
+    assert written.tensors == fingerprint_checkpoint(src).tensors and written.tensors
+    assert not list(Path(out).glob(".ckptconv-manifest.part-*"))
+    if summary is not None:
+        assert summary["manifest"] == str(Path(out) / MANIFEST_NAME)
+    assert verify_checkpoints(out, Path(out) / MANIFEST_NAME).equivalent
+
+
 @pytest.fixture(scope="module")
 def sources(hf_model_dir, tmp_path_factory):
     """hf_to_megatron output per (variant, format, layout), built once."""
@@ -169,6 +184,7 @@ def test_extra_state_and_tied_output_survive(sources, tmp_path):
     assert_same_rank_models(src, tmp_path / "t")
     last = rank_models(tmp_path / "t")["mp_rank_00_001/model"]
     assert "output_layer.weight" in last and any(k.endswith("_extra_state") for k in last)
+    assert_manifest_of(src, tmp_path / "t")             # tied: lm_head is not a logical parameter
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -204,6 +220,8 @@ def test_two_workers_write_the_same_checkpoint(sources, tmp_path, fmt, lay):
     two = reshard(src, tmp_path / "w2", workers=2, **kw)
     assert two["workers"] == 2 and len(two["worker_shares"]) == 2 and one["tensors_written"] == two["tensors_written"]
     assert_same(fmt, tmp_path / "w1", tmp_path / "w2")
+    assert_manifest_of(src, tmp_path / "w1", one)
+    assert_manifest_of(src, tmp_path / "w2", two)        # merged from the two workers' parts
     assert_same_logical(src, tmp_path / "w2", vocab=250)
     if fmt == "torch_dist":     # each worker wrote its own record files into the one DCP checkpoint
         names = {p.name.split("_")[2] for p in (tmp_path / "w2" / "release").glob("__*_*.distcp")}
@@ -252,4 +270,5 @@ def test_torchrun_two_ranks_write_the_partition(sources, tmp_path, fmt):
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads(p.stdout)["workers"] == 2         # rank 0 prints the summary, rank 1 nothing
     assert_same(fmt, tmp_path / "w1", tmp_path / "tr")
+    assert_manifest_of(src, tmp_path / "tr")
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
