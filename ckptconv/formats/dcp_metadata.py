@@ -2,12 +2,14 @@
 
 torch's own `FileSystemReader.read_metadata` calls `pickle.load`, which would execute any
 global a crafted file names. The file only ever holds torch's DCP metadata dataclasses, so we
-unpickle it with an allowlist: those dataclasses and DCP's save-plan dataclasses (plain data,
-which Megatron stores there too), `torch.Size`, dtypes, layouts,
-memory formats and paths (kept as strings). Anything else raises `UnsafeCheckpoint`.
+unpickle it with an allowlist that maps those dataclasses and DCP's save-plan dataclasses
+(plain data, which Megatron stores there too) to our stand-ins in `dcp_types`, plus
+`torch.Size`, dtypes, layouts, memory formats and paths (kept as strings). Anything else
+raises `UnsafeCheckpoint`. Nothing here imports `torch.distributed.checkpoint` (slow to import).
 
 Also checks what the storage layer will trust later: every tensor chunk has a storage entry,
-entries name a plain file next to `.metadata` (no path components), offsets are non-negative.
+entries name a plain file next to `.metadata` (no path components), offsets are non-negative,
+names are strings, shapes and offsets are tuples of ints, dtypes are torch dtypes.
 """
 from __future__ import annotations
 
@@ -17,19 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint import planner as dcp_plan
-from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
 
-from ..errors import CorruptCheckpoint, UnsafeCheckpoint
+from ..errors import CkptError, CorruptCheckpoint, UnsafeCheckpoint
+from . import dcp_types as dt
 from .safe_pickle_policy import _ints
 
 METADATA_FILE = ".metadata"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-class _LegacyMCoreMetadata(dcp_md.Metadata):
-    """Stand-in for megatron's `MCoreMetadata` (v0.15 checkpoints with optimizer state)."""
 
 
 def _size(*args: Any) -> torch.Size:
@@ -51,17 +47,19 @@ def _path(*parts: Any) -> str:
     return "/".join(parts)
 
 
-_MD = "torch.distributed.checkpoint.metadata"
+_DCP = "torch.distributed.checkpoint"
 _ALLOWED: dict[tuple[str, str], Any] = {
-    **{(_MD, n): getattr(dcp_md, n) for n in (
+    **{(f"{_DCP}.metadata", n): getattr(dt, n) for n in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")},
+        "TensorProperties", "MetadataIndex", "StorageMeta")},
+    (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"): dt.enum_by_value(dt._MEM_FORMAT_ENCODING),
     # megatron keeps its save plans in the metadata (`all_local_plans`, for cached re-saves)
-    **{("torch.distributed.checkpoint.planner", n): getattr(dcp_plan, n) for n in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")},
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): _StoragePrefix,
-    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): _LegacyMCoreMetadata,
+    **{(f"{_DCP}.planner", n): getattr(dt, n) for n in (
+        "SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData")},
+    (f"{_DCP}.planner", "WriteItemType"): dt.enum_by_value(dt.WriteItemType),
+    (f"{_DCP}.filesystem", "_StorageInfo"): dt._StorageInfo,
+    (f"{_DCP}.filesystem", "_StoragePrefix"): dt._StoragePrefix,
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): dt.MCoreMetadata,
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _layout,
     **{("pathlib", n): _path for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")},
@@ -93,8 +91,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                                fix="the file is not a torch.distributed.checkpoint .metadata")
 
 
-def load_metadata(directory: Path) -> dcp_md.Metadata:
-    """The checked DCP Metadata of the checkpoint in ``directory``."""
+def load_metadata(directory: Path) -> dt.Metadata:
+    """The checked DCP Metadata (our `dcp_types` stand-ins) of the checkpoint in ``directory``."""
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise CorruptCheckpoint(f"no {METADATA_FILE} (torch.distributed.checkpoint metadata)", path=path,
@@ -102,22 +100,27 @@ def load_metadata(directory: Path) -> dcp_md.Metadata:
     try:
         with open(path, "rb") as fh:
             md = _MetadataUnpickler(fh, path).load()
-    except (UnsafeCheckpoint, OSError):
+        _check(md, path)
+    except (CkptError, OSError):
         raise
     except Exception as e:  # noqa: BLE001 - any other failure means a malformed file
         raise CorruptCheckpoint(f"cannot unpickle ({type(e).__name__}: {e})"[:300], path=path,
                                 fix="re-copy the file") from None
-    _check(md, path)
     return md
 
 
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, tuple) and all(type(v) is int for v in value)
+
+
 def _check(md: Any, path: Path) -> None:
-    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.state_dict_metadata, dict) \
+    if not isinstance(md, dt.Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):
         raise CorruptCheckpoint("not a torch.distributed.checkpoint Metadata object", path=path,
                                 fix="re-copy the file")
     for key, info in md.storage_data.items():
-        if not isinstance(key, dcp_md.MetadataIndex) or not isinstance(info, _StorageInfo):
+        if not isinstance(key, dt.MetadataIndex) or not isinstance(key.fqn, str) \
+                or not (key.offset is None or _is_shape(key.offset)) or not isinstance(info, dt._StorageInfo):
             raise CorruptCheckpoint("malformed storage_data entry", path=path, tensor=str(key)[:80],
                                     fix="re-copy the file")
         if not isinstance(info.relative_path, str) or not _FILE_NAME.match(info.relative_path) \
@@ -130,20 +133,27 @@ def _check(md: Any, path: Path) -> None:
             raise CorruptCheckpoint(f"storage transforms {info.transform_descriptors} are not supported",
                                     path=path, tensor=key.fqn, fix="re-save without DCP stream extensions")
     for fqn, tmd in md.state_dict_metadata.items():
-        if isinstance(tmd, dcp_md.BytesStorageMetadata):
-            if dcp_md.MetadataIndex(fqn) not in md.storage_data:
+        if not isinstance(fqn, str):
+            raise CorruptCheckpoint(f"state_dict_metadata key {fqn!r:.40} is not a name", path=path,
+                                    fix="re-copy the file")
+        if isinstance(tmd, dt.BytesStorageMetadata):
+            if dt.MetadataIndex(fqn) not in md.storage_data:
                 raise CorruptCheckpoint("bytes item has no storage entry", path=path, tensor=fqn,
                                         fix="copy the complete checkpoint directory")
             continue
-        if not isinstance(tmd, dcp_md.TensorStorageMetadata):
-            raise CorruptCheckpoint(f"unknown metadata type {type(tmd).__name__}", path=path, tensor=fqn,
+        if not isinstance(tmd, dt.TensorStorageMetadata) or not isinstance(tmd.properties, dt.TensorProperties) \
+                or not isinstance(tmd.properties.dtype, torch.dtype) or not _is_shape(tmd.size) \
+                or not isinstance(tmd.chunks, list):
+            raise CorruptCheckpoint(f"malformed metadata ({type(tmd).__name__})", path=path, tensor=fqn,
                                     fix="re-copy the file")
         for c in tmd.chunks:
+            if not isinstance(c, dt.ChunkStorageMetadata) or not _is_shape(c.offsets) or not _is_shape(c.sizes):
+                raise CorruptCheckpoint("malformed chunk", path=path, tensor=fqn, fix="re-copy the file")
             if len(c.offsets) != len(tmd.size) or len(c.sizes) != len(tmd.size) or any(
                     o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, tmd.size)):
                 raise CorruptCheckpoint(f"chunk {tuple(c.offsets)}+{tuple(c.sizes)} lies outside the "
                                         f"global shape {tuple(tmd.size)}", path=path, tensor=fqn,
                                         fix="the metadata is corrupt")
-            if dcp_md.MetadataIndex(fqn, c.offsets) not in md.storage_data:
+            if dt.MetadataIndex(fqn, c.offsets) not in md.storage_data:
                 raise CorruptCheckpoint(f"chunk at {tuple(c.offsets)} has no storage entry", path=path,
                                         tensor=fqn, fix="copy the complete checkpoint directory")

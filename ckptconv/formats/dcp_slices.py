@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from ..errors import CorruptCheckpoint
 from .dcp_metadata import load_metadata
+from .dcp_types import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 from .safe_pickle import LazyTensor, TorchFile
 
 

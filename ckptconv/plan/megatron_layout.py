@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from ..errors import LayoutError
 
@@ -32,9 +32,13 @@ TP_PLACEMENT: tuple[tuple[str, str], ...] = (
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
+_PLACEMENT_RES = tuple((re.compile(p), kind) for p, kind in TP_PLACEMENT)
+
+
+@lru_cache(maxsize=4096)
 def tp_kind(name: str, gated_mlp: bool = True) -> str:
-    for pattern, kind in TP_PLACEMENT:
-        if re.search(pattern, name):
+    for pattern, kind in _PLACEMENT_RES:
+        if pattern.search(name):
             return "column" if kind == "gated" and not gated_mlp else kind
     raise LayoutError(f"no tensor-parallel placement known for {name!r}", tensor=name,
                       fix="this Megatron module is not supported yet")
