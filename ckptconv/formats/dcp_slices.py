@@ -23,6 +23,7 @@ import torch
 from ..errors import CorruptCheckpoint
 from .dcp_metadata import load_metadata
 from .dcp_types import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+from .mapped import file_target
 from .safe_pickle import LazyTensor, TorchFile
 
 
@@ -55,6 +56,11 @@ class _Window(io.RawIOBase):
         got = self._fh.readinto(memoryview(buf)[:n])
         self._pos += got or 0
         return got or 0
+
+    def map_target(self) -> tuple[int, int] | None:
+        """(fd, offset of this window) of the underlying file, for ``formats.mapped``."""
+        base = file_target(self._fh)
+        return None if base is None else (base[0], base[1] + self._base)
 
     def close(self) -> None:  # the shared handle stays open; DcpStore.close() closes it
         super().close()
@@ -141,6 +147,18 @@ class DcpStore:
                                     f"(box {offsets}+{sizes})", path=self.directory, tensor=fqn,
                                     fix="copy the complete checkpoint directory")
         return out
+
+    def view(self, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor | None:
+        """The box as a zero-copy view of the file when one stored chunk holds all of it as a
+        contiguous run (``LazyTensor.view_box``); None otherwise (``read`` it instead)."""
+        md = self._tensors[fqn]
+        for chunk in md.chunks:
+            if all(c <= o and o + s <= c + n for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)):
+                lazy = self._record(fqn, tuple(chunk.offsets))
+                if tuple(lazy.shape) != tuple(chunk.sizes) or lazy.dtype != md.properties.dtype:
+                    return None       # read() raises the typed error
+                return lazy.view_box(tuple(o - c for o, c in zip(offsets, chunk.offsets)), tuple(sizes))
+        return None
 
     def read_object(self, fqn: str):
         """A BYTES item unpickled safely (a `torch.save` payload); None if it is not one."""

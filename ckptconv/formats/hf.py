@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ckptconv.errors import CorruptCheckpoint, LayoutError, MissingTensors, UnknownFormat
+from ckptconv.formats.mapped import map_region
 from ckptconv.formats.safetensors_io import (_DTYPE_TO_ST, _REFIX, create_shard, read_into,
                                              read_safetensors_header, write_at)
 from ckptconv.plan.output_shards import plan_shards, shard_file_names
@@ -185,6 +186,21 @@ class HFReader:
             with self._lock:
                 return e.lazy.load_slice(0, dim0_start, dim0_stop, out=out)
         return self._read_rows(e, dim0_start, dim0_stop, out)
+
+    def view_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``start:stop`` of a safetensors tensor as a zero-copy view of the file
+        (``formats.mapped``); None for other files or when it cannot be mapped."""
+        e = self._entry(name)
+        m = e.meta
+        if e.lazy is not None or not m.shape or not 0 <= start <= stop <= m.shape[0]:
+            return None
+        row = m.nbytes // max(m.shape[0], 1)
+        with self._lock:
+            f = self._handles.get(e.file)
+            if f is None:
+                f = self._handles[e.file] = open(e.file, "rb")
+            raw = map_region(f.fileno(), e.offset + start * row, (stop - start) * row)
+        return None if raw is None else raw.view(m.dtype).view(stop - start, *m.shape[1:])
 
     def asset_files(self) -> list[Path]:
         """Tokenizer / generation files present next to the weights."""

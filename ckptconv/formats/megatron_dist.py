@@ -167,6 +167,20 @@ class MegatronDistReader:
             return self._store.read(key, offsets, sizes, out=out)
         return self._store.read(key, [layer, *offsets], [1, *sizes], out=None if out is None else out.unsqueeze(0))[0]
 
+    def view_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
+        """``read_slice`` as a zero-copy view of the file when the slice is one contiguous run of
+        one stored chunk; None otherwise."""
+        meta = self._metas.get(name)
+        if meta is None or not meta.shape or not 0 <= start <= stop <= meta.shape[dim]:
+            return None
+        key, layer = self._where[name]
+        offsets, sizes = [0] * len(meta.shape), list(meta.shape)
+        offsets[dim], sizes[dim] = start, stop - start
+        if layer is None:
+            return self._store.view(key, tuple(offsets), tuple(sizes))
+        v = self._store.view(key, (layer, *offsets), (1, *sizes))
+        return None if v is None else v[0]
+
     def read_extra_state(self, name: str) -> Any:
         """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""
         m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)

@@ -228,6 +228,30 @@ class MegatronTorchReader:
                 at += b - a
         return out
 
+    def view_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
+        """``read_slice`` as a zero-copy view of one rank's file when the slice is one contiguous
+        run of that rank's piece; None otherwise."""
+        meta = self._metas[name]
+        if not meta.shape or not 0 <= start <= stop <= meta.shape[dim]:
+            return None
+        pieces, kind = self._pieces[name], self.kind(name)
+        if kind == "replicated" or self.layout.tp == 1:
+            where = [(pieces[0], start)]
+        else:
+            where = []
+            for r, lazy in pieces.items():
+                at = 0
+                for d, a, b in tp_pieces(kind, meta.shape, self.layout.tp, r, name):
+                    if d == dim and a <= start and stop <= b:
+                        where.append((lazy, at + start - a))
+                    at += b - a
+        if len(where) != 1:
+            return None
+        lazy, lo = where[0]
+        offsets, sizes = [0] * len(meta.shape), list(lazy.shape)
+        offsets[dim], sizes[dim] = lo, stop - start
+        return lazy.view_box(tuple(offsets), tuple(sizes))
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

@@ -17,120 +17,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import pickle
 import struct
 import weakref
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
 from ..errors import CorruptCheckpoint, UnsafeCheckpoint
 # Names defined here before the policy split are re-imported so they stay importable from here.
+from .lazy_tensor import LazyTensor, _StorageRef  # noqa: F401 (re-exported)
+from .mapped import file_target, map_region
 from .safe_pickle_policy import (_ALLOWLIST, _DENY, _DTYPES, _TEXT_CODECS,  # noqa: F401
                                  STORAGE_DTYPES, Placeholder, _bytes_like, _device, _encode,
                                  _find_global, _from_type_v2, _ints, _marker, _Safe, _StorageType)
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _REFETCH = "re-download or re-copy the file"
-
-
-class _StorageRef(NamedTuple):
-    """Lazy reference to one ``data/<key>`` record (nothing read)."""
-    archive: Any
-    key: str
-    dtype: torch.dtype
-    nbytes: int
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class LazyTensor:
-    """A tensor leaf: ``shape``, ``dtype``, ``stride``, ``storage_offset`` (in elements) and
-    ``name`` (dotted path in the tree); ``load()`` reads only the bytes this view covers."""
-    _ref: _StorageRef
-    dtype: torch.dtype
-    storage_offset: int
-    shape: tuple
-    stride: tuple
-    _flags: tuple = (False, False)  # (conj, neg) bits of the tensor metadata
-    name: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def _span(self) -> int:
-        """Elements from storage_offset to the last one the view touches (inclusive)."""
-        return 0 if self.numel == 0 else 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
-
-    def load_slice(self, dim: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``load()`` narrowed to ``start:stop`` along ``dim``, reading only the bytes it spans;
-        with ``out`` (a tensor of the slice's shape and dtype) the values land there, and a
-        contiguous little-endian slice is read straight into it (no intermediate copy)."""
-        if not 0 <= start <= stop <= self.shape[dim]:
-            raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {self.shape}")
-        shape = self.shape[:dim] + (stop - start,) + self.shape[dim + 1:]
-        part = LazyTensor(self._ref, self.dtype, self.storage_offset + start * self.stride[dim],
-                          shape, self.stride, self._flags, self.name)
-        if out is None:
-            return part.load()
-        if tuple(out.shape) != shape or out.dtype != self.dtype:
-            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the slice is {shape} {self.dtype}")
-        direct = (out.is_contiguous() and not any(self._flags) and not self._ref.archive.big_endian
-                  and part.numel and _row_major(shape, self.stride))
-        if direct:
-            isz = self.dtype.itemsize
-            self._ref.archive.read(self._ref.key, part.storage_offset * isz, part.numel * isz, self.name,
-                                   out=out.view(-1).view(torch.uint8))
-        else:
-            out.copy_(part.load())
-        return out
-
-    def load_box(self, offsets: tuple[int, ...], sizes: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
-        """The box ``offsets``/``sizes`` of this tensor written into ``out`` (shape ``sizes``). A
-        box that is one contiguous run of a row-major record (leading dims of size 1, one partial
-        dim, full dims after it) is read straight into a contiguous ``out``."""
-        if tuple(out.shape) != tuple(sizes) or out.dtype != self.dtype:
-            raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the box is {tuple(sizes)} {self.dtype}")
-        if len(offsets) != len(self.shape) or any(o < 0 or o + n > full for o, n, full in zip(offsets, sizes, self.shape)):
-            raise IndexError(f"box {tuple(offsets)}+{tuple(sizes)} out of range for {self.shape}")
-        partial = [d for d, (o, n, full) in enumerate(zip(offsets, sizes, self.shape)) if (o, n) != (0, full)]
-        first = partial[0] if partial else len(sizes)
-        run = not partial or (all(n == 1 for n in sizes[:first]) and not partial[1:])
-        if run and out.is_contiguous() and not any(self._flags) and not self._ref.archive.big_endian \
-                and _row_major(self.shape, self.stride) and out.numel():
-            isz = self.dtype.itemsize
-            at = self.storage_offset + sum(o * st for o, st in zip(offsets, self.stride))
-            self._ref.archive.read(self._ref.key, at * isz, out.numel() * isz, self.name,
-                                   out=out.view(-1).view(torch.uint8))
-            return out
-        if not partial:
-            return out.copy_(self.load())
-        part = self.load_slice(first, offsets[first], offsets[first] + sizes[first])
-        for d in partial[1:]:
-            part = part.narrow(d, offsets[d], sizes[d])
-        return out.copy_(part)
-
-    def load(self) -> torch.Tensor:
-        """The logical values as a fresh contiguous CPU tensor."""
-        if self.numel == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        isz, arc = self.dtype.itemsize, self._ref.archive
-        raw = arc.read(self._ref.key, self.storage_offset * isz, self._span() * isz, self.name)
-        if arc.big_endian and isz > 1:
-            raw = raw.view(-1, isz // 2 if self.dtype.is_complex else isz).flip(-1).reshape(-1)
-        flat = raw.view(self.dtype)
-        t = flat.as_strided(self.shape, self.stride, 0)
-        if not (t.is_contiguous() and t.numel() == flat.numel()):
-            t = t.clone(memory_format=torch.contiguous_format)
-        t = t.conj_physical() if self._flags[0] else t
-        return -t if self._flags[1] else t
-
-    def __repr__(self) -> str:
-        return f"LazyTensor({self.name or '?'}, shape={self.shape}, dtype={self.dtype})"
 
 
 class _Archive:
@@ -185,16 +90,10 @@ class _Archive:
         if problem:
             raise CorruptCheckpoint(f"storage record {rec} {problem}", path=self.path,
                                     tensor=tensor, fix=_REFETCH)
-        if rec not in self._data_at:
-            self.fh.seek(info.header_offset)
-            head = self.fh.read(30)
-            if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                raise CorruptCheckpoint(f"bad zip local header for {rec}", path=self.path,
-                                        tensor=tensor, fix=_REFETCH)
-            self._data_at[rec] = info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30]))
+        data_at = self._data_offset(rec, tensor)
         buf = torch.empty(length, dtype=torch.uint8) if out is None else out
         view, got = memoryview(buf.numpy()), 0
-        self.fh.seek(self._data_at[rec] + start)
+        self.fh.seek(data_at + start)
         while got < length:
             n = self.fh.readinto(view[got:])
             if not n:
@@ -203,14 +102,29 @@ class _Archive:
             got += n
         return buf
 
+    def _data_offset(self, rec: str, tensor: str | None) -> int:
+        """Where record ``rec``'s bytes start in the file (its local zip header parsed once)."""
+        if rec not in self._data_at:
+            info = self.infos[rec]
+            self.fh.seek(info.header_offset)
+            head = self.fh.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                raise CorruptCheckpoint(f"bad zip local header for {rec}", path=self.path,
+                                        tensor=tensor, fix=_REFETCH)
+            self._data_at[rec] = info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30]))
+        return self._data_at[rec]
 
-def _row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    expected = 1
-    for size, st in zip(reversed(shape), reversed(stride)):
-        if size != 1 and st != expected:
-            return False
-        expected *= size
-    return True
+    def region(self, key: str, start: int, length: int, tensor: str | None) -> torch.Tensor | None:
+        """Bytes ``[start, start+length)`` of record ``data/<key>`` as a zero-copy mapped uint8
+        tensor (see ``mapped``), or None when they cannot be mapped (the caller reads instead)."""
+        rec = f"{self.prefix}data/{key}"
+        info = self.infos.get(rec)
+        if self.closed or info is None or info.compress_type != zipfile.ZIP_STORED or start + length > info.file_size:
+            return None
+        target = file_target(self.fh)
+        if target is None:
+            return None
+        return map_region(target[0], target[1] + self._data_offset(rec, tensor) + start, length)
 
 
 def _close_quietly(*handles: Any) -> None:

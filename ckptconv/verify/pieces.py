@@ -129,10 +129,14 @@ class PieceReader:
     def _slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         s = self.side
         if s.kind == "megatron" and hasattr(s.reader, "read_slice"):
-            return s.reader.read_slice(name, dim, start, stop, out=self._out(s.meta(name), dim, start, stop))
+            view = s.reader.view_slice(name, dim, start, stop) if hasattr(s.reader, "view_slice") else None
+            return view if view is not None else \
+                s.reader.read_slice(name, dim, start, stop, out=self._out(s.meta(name), dim, start, stop))
         src = getattr(s, "source", None)
         if dim == 0 and s.kind != "megatron" and hasattr(src, "read_slice"):
-            return src.read_slice(name, start, stop, out=self._out(s.hf_meta(name), 0, start, stop))
+            view = src.view_rows(name, start, stop) if hasattr(src, "view_rows") else None
+            return view if view is not None else \
+                src.read_slice(name, start, stop, out=self._out(s.hf_meta(name), 0, start, stop))
         if self._whole is None or self._whole[0] != name:
             self._whole = None
             self._whole = (name, s.read(name) if s.kind == "megatron" else src.read(name))

@@ -2,11 +2,12 @@
 ``pieces``); a group that differs, or that the fast path cannot take (missing tensors, shape
 mismatch, tied copies), is read whole from both sides for figures and diagnosis.
 
-Reads run on two worker threads (one per side) one task ahead of the comparison; each side's
-reads are serialised by a lock, so the main thread can re-read a differing group safely."""
+One thread: pieces are mapped straight from the page cache (``formats.mapped``) or read into
+cache-sized scratch buffers, so on a warm cache there is no I/O wait to hide, and reader threads
+only contended for the GIL (measured: 20-30% slower than reading in line). On a cold cache the
+CLI's read-ahead hint (``ckptconv.prefetch``) keeps the disk busy instead."""
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -15,7 +16,8 @@ from .pieces import Piece, PieceReader, row_pieces, runs_equal
 
 
 def prefetched(items: list, load_a: Callable, load_b: Callable) -> Iterator[tuple[object, object, object]]:
-    """Yield (item, load_a(item), load_b(item)) while the next item is loaded on two worker threads."""
+    """Yield (item, load_a(item), load_b(item)) while the next item is loaded on two worker
+    threads (for loads that are mostly GIL-free work, such as hashing while reading)."""
     if not items:
         return
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptconv-verify") as pool:
@@ -28,13 +30,20 @@ def prefetched(items: list, load_a: Callable, load_b: Callable) -> Iterator[tupl
             del ra, rb
 
 
+def loaded(items: list, load_a: Callable, load_b: Callable) -> Iterator[tuple[object, object, object]]:
+    """Yield (item, load_a(item), load_b(item)) for each item, in order."""
+    for item in items:
+        ra, rb = load_a(item), load_b(item)
+        yield item, ra, rb
+        del ra, rb
+
+
 class Walker:
     def __init__(self, sa, sb, space: str):
         self.sa, self.sb, self.space = sa, sb, space
         pad_a = sb.padded if sa.kind == "hf" and sb.kind == "megatron" else sa.cfg.vocab_size
         pad_b = sa.padded if sb.kind == "hf" and sa.kind == "megatron" else sb.cfg.vocab_size
         self.readers = {"a": PieceReader(sa, space, pad_a), "b": PieceReader(sb, space, pad_b)}
-        self.locks = {"a": threading.Lock(), "b": threading.Lock()}
         self.failed: set[int] = set()
 
     def fast_ok(self, g: Group) -> bool:
@@ -66,24 +75,22 @@ class Walker:
 
     def _load(self, key: str, task):
         gi, g, piece = task
-        with self.locks[key]:
-            if piece is None:
-                return read_group(*self._pair(key), g, key, self.space) if not self.fast_ok(g) else None
-            if gi in self.failed:
-                return None
-            side = self.sa if key == "a" else self.sb
-            self.readers[key].scratch.next_task()
-            ins = None
-            if g.mapping is not None and side.kind == "hf" and self.space == "megatron":
-                ins = [side.hf_meta(n) for n in g.mapping.hf]
-            return self.readers[key].runs(piece, g.mapping, ins)
+        if piece is None:
+            return read_group(*self._pair(key), g, key, self.space) if not self.fast_ok(g) else None
+        if gi in self.failed:
+            return None
+        side = self.sa if key == "a" else self.sb
+        self.readers[key].scratch.next_task()
+        ins = None
+        if g.mapping is not None and side.kind == "hf" and self.space == "megatron":
+            ins = [side.hf_meta(n) for n in g.mapping.hf]
+        return self.readers[key].runs(piece, g.mapping, ins)
 
     def _pair(self, key: str):
         return (self.sa, self.sb) if key == "a" else (self.sb, self.sa)
 
     def read_whole(self, g: Group, key: str) -> dict:
-        with self.locks[key]:
-            return read_group(*self._pair(key), g, key, self.space)
+        return read_group(*self._pair(key), g, key, self.space)
 
     def walk(self, groups: list[Group]) -> Iterator[tuple[Group, tuple[dict, dict] | None]]:
         """(group, None) when the fast path proved it equal, else (group, (A tensors, B tensors))."""
@@ -92,7 +99,7 @@ class Walker:
             if self.fast_ok(g):
                 tasks += [(gi, g, p) for p in self.pieces(g)]
             tasks.append((gi, g, None))
-        for (gi, g, piece), ra, rb in prefetched(tasks, lambda t: self._load("a", t), lambda t: self._load("b", t)):
+        for (gi, g, piece), ra, rb in loaded(tasks, lambda t: self._load("a", t), lambda t: self._load("b", t)):
             if piece is not None:
                 if gi not in self.failed and not runs_equal(ra, rb, _rows(piece)):
                     self.failed.add(gi)

@@ -145,7 +145,7 @@ def test_megatron_read_slice_equals_narrowed_read(hf_model_dir, tmp_path, fmt):
 
     hf_to_megatron(hf_model_dir("llama-gqa"), tmp_path / "mg", tp=2, pp=2, ckpt_format=fmt, show_progress=False)
     with READERS["megatron_torch" if fmt == "torch" else "megatron_torch_dist"](tmp_path / "mg") as r:
-        checked = 0
+        checked = viewed = 0
         for name, meta in r.tensors().items():
             full = r.read(name)
             kind = tp_kind(name)
@@ -160,5 +160,9 @@ def test_megatron_read_slice_equals_narrowed_read(hf_model_dir, tmp_path, fmt):
                 got = r.read_slice(name, d, a, b, out=out)
                 assert torch.equal(got, want) and torch.equal(out, want), (name, d, a, b)
                 assert torch.equal(r.read_slice(name, d, a, b), want)
+                view = r.view_slice(name, d, a, b)           # zero-copy where one stored run holds it
+                assert view is None or torch.equal(view, want), (name, d, a, b)
+                viewed += view is not None
                 checked += 1
         assert checked > 2 * len(r.tensors())      # TP pieces were walked, not just whole tensors
+        assert viewed > len(r.tensors())

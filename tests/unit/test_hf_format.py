@@ -411,3 +411,17 @@ def test_read_slice_into_out(tiny):
         assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, tiny["sd"][name][10:18])
         with pytest.raises(ValueError):
             r.read_slice(name, 10, 17, out=buf)
+
+
+def test_view_rows_is_a_zero_copy_view(tiny):
+    """view_rows equals read_slice for safetensors, is None for legacy .bin, never writes the file."""
+    name = "model.embed_tokens.weight"
+    d = tiny["root"] / "single"
+    before = {p.name: p.read_bytes() for p in d.glob("*.safetensors")}
+    with HFReader(d) as r:
+        v = r.view_rows(name, 10, 18)
+        assert v is not None and torch.equal(v, tiny["sd"][name][10:18])
+        v.zero_()
+        assert torch.equal(r.read_slice(name, 10, 18), tiny["sd"][name][10:18])
+        assert r.view_rows(name, 5, 5) is None
+    assert {p.name: p.read_bytes() for p in d.glob("*.safetensors")} == before

@@ -399,3 +399,39 @@ def test_load_box_direct_and_strided(tmp_path):
             f.obj["x"].load_box((3, 0, 0), (2, 6, 5), torch.empty(2, 6, 5))
         with pytest.raises(ValueError):
             f.obj["x"].load_box((0, 0, 0), (1, 6, 5), torch.empty(1, 6, 4))
+
+
+def test_view_box_maps_runs_without_touching_the_file(tmp_path):
+    """view_box gives a zero-copy view equal to load_box for contiguous runs, None for boxes that
+    are not one run, and a write through the view never reaches the file (private mapping)."""
+    x = torch.randn(4, 6, 5)
+    path = tmp_path / "x.pt"
+    torch.save({"x": x, "xt": x.transpose(1, 2)}, path)
+    before = path.read_bytes()
+    with TorchFile(path) as f:
+        lazy = f.obj["x"]
+        for off, size in [((0, 0, 0), (4, 6, 5)), ((2, 0, 0), (1, 6, 5)), ((1, 2, 0), (1, 3, 5)), ((0, 2, 0), (4, 3, 5))]:
+            want = x[tuple(slice(o, o + s) for o, s in zip(off, size))]
+            v = lazy.view_box(off, size)
+            if size[0] > 1 and size[1] < 6:
+                assert v is None, (off, size)         # rows of several blocks: not one run
+                continue
+            assert v is not None and torch.equal(v, want), (off, size)
+        assert f.obj["xt"].view_box((0, 0, 0), (4, 5, 6)) is None      # not row-major on disk
+        v = lazy.view_box((0, 0, 0), (4, 6, 5))
+        v.fill_(7.0)
+        assert torch.equal(lazy.load(), x)
+    assert path.read_bytes() == before
+
+
+def test_map_region_refuses_regions_outside_the_file(tmp_path):
+    from ckptconv.formats.mapped import map_region
+
+    p = tmp_path / "b"
+    p.write_bytes(bytes(range(256)) * 40)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert torch.equal(map_region(fd, 5000, 20), torch.arange(5000, 5020) % 256)
+        assert map_region(fd, 10230, 20) is None and map_region(fd, 0, 0) is None and map_region(fd, -1, 4) is None
+    finally:
+        os.close(fd)
