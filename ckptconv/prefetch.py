@@ -1,11 +1,14 @@
 """Warm the page cache for a checkpoint's data files in the background.
 
 A CLI call spends ~3 s importing torch before it reads a byte. Commands that read whole
-checkpoints (verify, fingerprint) first ask the kernel to start reading the data files
-(``posix_fadvise(WILLNEED)``, from a daemon thread, before the heavy imports), so on a cold
-cache the disk works while the interpreter imports. Bounded by half the memory the kernel
-reports available, in the order the files are read; without effect where the platform or
-filesystem has no read-ahead hint. Imports nothing heavy (no torch).
+checkpoints (verify, fingerprint) first start a daemon thread that reads the data files into a
+reused 32 MiB buffer (what `cat > /dev/null` does), before the heavy imports, so on a cold cache
+the disk works while the interpreter imports. Bounded by half the memory the kernel reports
+available, files of the given checkpoints interleaved in file order. Measured on the bench
+machine (1.7 GB + 1.7 GB, cold): verify's wall time 4.5-4.9 s with this, 5.4-5.7 s with
+``posix_fadvise(WILLNEED)`` hints (capped by the kernel at its read-ahead size per call), 5.5-6.2 s
+with 1 MiB reads (each read re-takes the GIL from the importing thread, up to a switch interval
+per read). Imports nothing heavy (no torch).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 DATA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
-WINDOW = 8 << 20
+CHUNK = 32 << 20         # few GIL round trips while the main thread imports
 
 
 def data_files(path: str | os.PathLike) -> list[Path]:
@@ -60,29 +63,26 @@ def plan(paths, budget: int) -> list[tuple[Path, int]]:
     return out
 
 
-def _hint(files: list[tuple[Path, int]]) -> None:
+def _read(files: list[tuple[Path, int]]) -> None:
+    buf = memoryview(bytearray(CHUNK))
     for f, n in files:
         try:
-            fd = os.open(f, os.O_RDONLY)
+            with open(f, "rb", buffering=0) as fh:
+                while n > 0:
+                    k = fh.readinto(buf[:min(CHUNK, n)])
+                    if not k:
+                        break
+                    n -= k
         except OSError:
             continue
-        try:
-            for at in range(0, n, WINDOW):      # the kernel caps one hint at its read-ahead size
-                os.posix_fadvise(fd, at, min(WINDOW, n - at), os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 def start_prefetch(paths, budget: int | None = None) -> threading.Thread | None:
-    """Start hinting the data files of ``paths`` to the kernel on a daemon thread; returns it
-    (None when there is nothing to do or the platform has no read-ahead hint)."""
-    if not hasattr(os, "posix_fadvise"):
-        return None
+    """Start reading the data files of ``paths`` on a daemon thread; returns it (None when there
+    is nothing to read)."""
     files = plan(paths, mem_available() // 2 if budget is None else budget)
     if not files:
         return None
-    t = threading.Thread(target=_hint, args=(files,), name="ckptconv-prefetch", daemon=True)
+    t = threading.Thread(target=_read, args=(files,), name="ckptconv-prefetch", daemon=True)
     t.start()
     return t

@@ -223,8 +223,12 @@ class MegatronDistWriter:
         self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
 
     def close(self) -> None:
-        self._handoff.close()
-        self._thread.join()
+        try:
+            self._handoff.close()
+            self._thread.join()
+        except BaseException:       # e.g. Ctrl-C while the save thread finishes: stop it first, so
+            self.abort()            # no file appears after the caller removed the output
+            raise
         if self._failure is not None:
             raise self._failure
         torch.save(self._common, self.iter_dir / COMMON_FILE)

@@ -1,5 +1,4 @@
 """The read-ahead hint that verify / fingerprint start before importing torch."""
-import os
 
 import pytest
 
@@ -34,7 +33,6 @@ def test_plan_interleaves_data_files_within_budget(two_ckpts):
     assert plan([a / "missing"], budget=100) == []
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no read-ahead hint on this platform")
 def test_start_prefetch_runs_in_the_background(two_ckpts):
     a, b = two_ckpts
     t = start_prefetch([a, b])
