@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint directories: a header-first reader and a streaming writer.
+"""Hugging Face checkpoint directories: a header-first reader (the streaming writer,
+``HFWriter``, lives in :mod:`ckptconv.formats.hf_write` and is re-exported here).
 
 Reader: ``config.json`` plus ``model.safetensors`` | ``model.safetensors.index.json`` +
 shards | legacy ``pytorch_model.bin`` (+ index). Safetensors headers are parsed and
@@ -16,7 +17,6 @@ reads and writes, dtype tables) lives in :mod:`ckptconv.formats.safetensors_io`.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from ckptconv.errors import CorruptCheckpoint, LayoutError, MissingTensors, UnknownFormat
+from ckptconv.formats.hf_write import HFWriter
 from ckptconv.formats.mapped import map_region
-from ckptconv.formats.safetensors_io import (_DTYPE_TO_ST, _REFIX, create_shard, read_into,
-                                             read_safetensors_header, write_at)
-from ckptconv.plan.output_shards import plan_shards, shard_file_names
+from ckptconv.formats.safetensors_io import _REFIX, read_into, read_safetensors_header
 from ckptconv.types import TensorMeta
+
+__all__ = ["ASSET_NAMES", "HFReader", "HFWriter"]
 
 ASSET_NAMES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -249,118 +250,3 @@ class HFReader:
                     f = self._handles[e.file] = open(e.file, "rb")
                 read_into(f, offset, view, e.file, m.name)
         return out if out is not None else buf.view(m.dtype).reshape(shape)
-
-
-class HFWriter:
-    """Stream tensors into ``out_dir`` as safetensors shards (+ index when >1 shard).
-
-    ``out_dir`` must exist (a private temp dir; the caller renames it into place).
-    Context manager: an exception inside the ``with`` block aborts (deletes what we wrote)."""
-
-    INDEX_NAME = "model.safetensors.index.json"
-
-    def __init__(self, out_dir: Path, metas: list[TensorMeta], max_shard_size: int = 5 * 10**9):
-        self.out_dir = Path(out_dir)
-        self._metas: dict[str, TensorMeta] = {}
-        for m in metas:
-            if m.name in self._metas:
-                raise LayoutError("tensor planned twice for the output", path=self.out_dir,
-                                  tensor=m.name, fix="give every output tensor a unique name")
-            if m.dtype not in _DTYPE_TO_ST:
-                raise LayoutError(f"dtype {m.dtype} cannot be stored in safetensors",
-                                  path=self.out_dir, tensor=m.name, fix="pick another --dtype")
-            self._metas[m.name] = m
-        groups = plan_shards([(m.name, m.nbytes) for m in metas], max_shard_size) or [[]]
-        self._shards = [self.out_dir / f for f in shard_file_names(len(groups))]
-        self._where: dict[str, tuple[Path, int]] = {}
-        self._created: list[Path] = []
-        self._written: set[str] = set()
-        self._done = False
-        try:
-            for path, group in zip(self._shards, groups):
-                offsets = create_shard(path, [self._metas[n] for n in group], self._created)
-                self._where.update((n, (path, off)) for n, off in offsets.items())
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor's bytes at its planned offset (any order, each name once)."""
-        if self._done:
-            raise LayoutError("write after close/abort", path=self.out_dir, tensor=name,
-                              fix="write every tensor before close()")
-        m = self._metas.get(name)
-        if m is None:
-            raise MissingTensors("tensor is not in the output plan", path=self.out_dir,
-                                 tensor=name, fix="include it in the metas given to HFWriter")
-        path, offset = self._where[name]
-        if name in self._written:
-            raise LayoutError("tensor written twice", path=path, tensor=name,
-                              fix="write each tensor exactly once")
-        if tuple(tensor.shape) != m.shape or tensor.dtype != m.dtype:
-            raise LayoutError(f"got {list(tensor.shape)} {tensor.dtype}, the plan says "
-                              f"{list(m.shape)} {m.dtype}", path=path, tensor=name,
-                              fix="cast/reshape before writing or fix the conversion plan")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel():
-            write_at(path, offset, data)
-        self._written.add(name)
-
-    def write_config(self, config: dict) -> None:
-        """Write ``config.json`` (indent=2, sorted keys)."""
-        self._write_json("config.json", config)
-
-    def copy_assets(self, files: list[Path]) -> None:
-        """Copy tokenizer / generation files byte for byte (symlinks are followed)."""
-        reserved = {p.name for p in self._shards} | {self.INDEX_NAME}
-        for src in map(Path, files):
-            if src.name in reserved:
-                raise LayoutError("asset would overwrite an output weight file", path=src,
-                                  fix="do not pass weight files as assets")
-            dst = self.out_dir / src.name
-            self._created.append(dst)
-            shutil.copyfile(src, dst)
-
-    def close(self) -> None:
-        """Check every tensor was written; write the index when there are several shards."""
-        if self._done:
-            return
-        missing = [n for n in self._metas if n not in self._written]
-        if missing:
-            raise MissingTensors(f"{len(missing)} of {len(self._metas)} output tensors were "
-                                 f"never written", path=self._where[missing[0]][0],
-                                 tensor=missing[0], fix="the conversion plan is incomplete; "
-                                 "write every tensor listed in the metas")
-        if len(self._shards) > 1:
-            weight_map = {n: self._where[n][0].name for n in sorted(self._metas)}
-            total = sum(m.nbytes for m in self._metas.values())
-            self._write_json(self.INDEX_NAME,
-                             {"metadata": {"total_size": total}, "weight_map": weight_map})
-        self._done = True
-
-    def abort(self) -> None:
-        """Delete every file this writer created (the directory itself is the caller's)."""
-        self._done = True
-        for p in self._created:
-            p.unlink(missing_ok=True)
-        self._created.clear()
-
-    def _write_json(self, fname: str, obj: dict) -> None:
-        path = self.out_dir / fname
-        self._created.append(path)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    def __enter__(self) -> HFWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.close()
-        except BaseException:
-            self.abort()
-            raise

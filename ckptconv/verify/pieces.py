@@ -92,10 +92,11 @@ def row_pieces(name: str, shape: tuple[int, ...], row_bytes: int, sides) -> list
 
 
 class Scratch:
-    """Two alternating scratch buffers for one side's reads. The walk keeps one task in flight
-    while the previous one is compared, so task k's tensors live in buffer k % 2 and are only
-    overwritten two tasks later; after the first few tasks no read allocates (fresh pages cost a
-    page fault and zeroing each: on a warm page cache that was most of verify's time)."""
+    """Two alternating scratch buffers for one side's reads (pieces that cannot be mapped): task
+    k's tensors live in buffer k % 2, so they stay valid while task k + 1 is read (the walk
+    compares a piece after both sides have read it). After the first few tasks no read allocates:
+    fresh pages cost a page fault and zeroing each, which on a warm page cache was most of
+    verify's time before pieces were reused or mapped."""
 
     ALIGN = 64
 
