@@ -5,10 +5,10 @@ Each parameter is walked in row pieces of at most RUN_BYTES (cut also at a Megat
 piece boundaries). A Megatron side reads a piece with ``read_slice`` (only the bytes of each TP
 rank's file that hold it); for an HF side in Megatron layout, the family op's forward applied to
 row *indices* (``row_map``) says which rows of which HF tensors the piece holds, read as row runs.
-Reads land in two alternating, cache-sized scratch buffers per side (``Scratch``) and are
-compared as contiguous views, so the bytes are touched while they are still in the CPU cache:
-no fused / assembled copies, no fresh pages. Any difference sends the whole group to the slow
-path (full tensors, figures, diagnosis).
+A piece that is one contiguous run of a stored record is a zero-copy mapping of the file
+(``view_slice`` / ``view_rows``, see ``formats.mapped``); any other lands in two alternating
+scratch buffers per side (``Scratch``). No fused / assembled copies, no fresh pages. Any
+difference sends the whole group to the slow path (full tensors, figures, diagnosis).
 """
 from __future__ import annotations
 
