@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..prefetch import start_prefetch
+from ..prefetch import prefetch
 from .common import debug_option, handle_errors
 
 
@@ -19,11 +19,11 @@ from .common import debug_option, handle_errors
 @handle_errors
 def command(ckpt, output, iteration, hf_config):
     """Fingerprint every logical parameter of CKPT (HF names, SHA-256 of the values)."""
-    start_prefetch([ckpt])          # the disk reads while torch imports (cold cache)
-    from ..engine.convert import load_hf_config_arg
-    from ..verify.fingerprint import fingerprint_checkpoint
+    with prefetch([ckpt]):          # the disk reads while torch imports (cold cache)
+        from ..engine.convert import load_hf_config_arg
+        from ..verify.fingerprint import fingerprint_checkpoint
 
-    manifest = fingerprint_checkpoint(ckpt, iteration=iteration, hf_config=load_hf_config_arg(hf_config))
+        manifest = fingerprint_checkpoint(ckpt, iteration=iteration, hf_config=load_hf_config_arg(hf_config))
     if output == "-":
         click.echo(manifest.dumps(), nl=False)
     else:

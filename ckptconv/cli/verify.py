@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..prefetch import start_prefetch
+from ..prefetch import prefetch
 from .common import debug_option, handle_errors
 
 
@@ -41,13 +41,13 @@ def command(a, b, json_file, junit_file, logits, atol, rtol, iteration, hf_confi
     for v, flag in ((atol, "--atol"), (rtol, "--rtol")):
         if v is not None and v < 0:
             raise click.UsageError(f"{flag} must be >= 0")
-    start_prefetch([a, b])          # the disk reads while torch imports (cold cache)
-    from ..engine.convert import load_hf_config_arg
-    from ..verify.equivalence import verify_checkpoints
-    from ..verify.junit import junit_xml
+    with prefetch([a, b]):          # the disk reads while torch imports (cold cache)
+        from ..engine.convert import load_hf_config_arg
+        from ..verify.equivalence import verify_checkpoints
+        from ..verify.junit import junit_xml
 
-    report = verify_checkpoints(a, b, atol=atol, rtol=rtol, iteration=iteration,
-                                hf_config=load_hf_config_arg(hf_config), logits=logits)
+        report = verify_checkpoints(a, b, atol=atol, rtol=rtol, iteration=iteration,
+                                    hf_config=load_hf_config_arg(hf_config), logits=logits)
     if json_file:
         _write(json_file, json.dumps(report.to_dict(), indent=2) + "\n")
     if junit_file:

@@ -1,9 +1,12 @@
-"""The read-ahead hint that verify / fingerprint start before importing torch."""
+"""The read-ahead child that verify / fingerprint start before importing torch."""
+import os
+import time
+from contextlib import nullcontext
 
 import pytest
 
 from ckptconv.cli.common import DTYPE_CHOICES
-from ckptconv.prefetch import data_files, plan, start_prefetch
+from ckptconv.prefetch import Prefetch, data_files, plan, prefetch
 from ckptconv.types import DTYPE_NAMES
 
 
@@ -33,13 +36,23 @@ def test_plan_interleaves_data_files_within_budget(two_ckpts):
     assert plan([a / "missing"], budget=100) == []
 
 
-def test_start_prefetch_runs_in_the_background(two_ckpts):
+def test_prefetch_child_reads_and_is_reaped(two_ckpts):
     a, b = two_ckpts
-    t = start_prefetch([a, b])
-    assert t is not None and t.daemon
-    t.join(timeout=30)
-    assert not t.is_alive()
-    assert start_prefetch([a / "missing"]) is None
+    with prefetch([a, b]) as p:
+        assert isinstance(p, Prefetch)
+        assert p.proc.wait(timeout=30) == 0           # read every planned file and exited
+    assert p.proc.returncode == 0
+    assert isinstance(prefetch([a / "missing"]), nullcontext)
+
+
+def test_prefetch_child_is_stopped_when_the_command_ends(tmp_path):
+    """A child still reading (here: blocked opening a FIFO) is killed and reaped on exit."""
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with prefetch([tmp_path]) as p:
+        time.sleep(0.3)
+        assert p.proc.poll() is None
+    assert p.proc.returncode is not None and p.proc.returncode < 0
 
 
 def test_cli_dtype_choices_match_the_library():
