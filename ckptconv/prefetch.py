@@ -51,7 +51,7 @@ def mem_available() -> int:
 
 
 def plan(paths, budget: int) -> list[tuple[Path, int]]:
-    """(file, bytes to hint) for the files of ``paths``, interleaved path by path in file order,
+    """(file, bytes to read) for the files of ``paths``, interleaved path by path in file order,
     until ``budget`` bytes are planned."""
     order = [f for group in zip_longest(*(data_files(p) for p in paths)) for f in group if f is not None]
     out, left = [], budget
@@ -67,11 +67,13 @@ def plan(paths, budget: int) -> list[tuple[Path, int]]:
     return out
 
 
-# the child: read each (path, byte count) pair, 1 MiB at a time, until done or orphaned
+# the child: read its stdin first (NUL-separated path, byte count, ...), then each file 1 MiB at
+# a time until done or orphaned
 _CHILD = """
 import os, sys
+job = sys.stdin.buffer.read().split(b"\\0")
 buf, parent = memoryview(bytearray(1 << 20)), os.getppid()
-for path, n in zip(sys.argv[1::2], map(int, sys.argv[2::2])):
+for path, n in zip(job[0::2], map(int, job[1::2])):
     try:
         with open(path, "rb", buffering=0) as f:
             while n > 0 and os.getppid() == parent:
@@ -89,9 +91,15 @@ class Prefetch:
     reaps it on exit."""
 
     def __init__(self, files: list[tuple[Path, int]]):
-        args = [str(x) for f, n in files for x in (f, n)]
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHILD, *args], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        job = b"\0".join(x for f, n in files for x in (os.fsencode(f), str(n).encode()))
+        try:
+            self.proc.stdin.write(job)      # the child reads it all before any file
+            self.proc.stdin.close()
+        except OSError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:
