@@ -26,7 +26,7 @@ def map_region(fd: int, offset: int, nbytes: int) -> torch.Tensor | None:
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=start)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):   # TypeError: no flags/prot (Windows)
         return None
     return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
