@@ -1,8 +1,6 @@
 """Every bad-input case: exit 2, one line naming file/tensor + fix, no output, input unchanged."""
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +12,7 @@ from ckptconv.cli.main import cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bad_inputs.cases import CASES  # noqa: E402
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for dirpath, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(dirpath, f)
-            h.update(os.path.relpath(p, root).encode())
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
+from helpers import tree_hash
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

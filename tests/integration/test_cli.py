@@ -1,39 +1,13 @@
 """The CLI: exit codes, one-line errors, --dry-run/--json, atomic outputs, hub ids, inspect, verify."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from ckptconv.cli.main import cli
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def tree_hash(root):
-    h = hashlib.sha256()
-    for dirpath, _, files in sorted(os.walk(root)):
-        for f in sorted(files):
-            p = os.path.join(dirpath, f)
-            h.update(os.path.relpath(p, root).encode())
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
+from helpers import one_line_error, run, tree_hash
 
 
 def test_convert_both_ways_verify_and_inputs_untouched(hf_model_dir, tmp_path):

@@ -4,7 +4,6 @@ model's logits in transformers, module weights equal the engine's, and bad or ma
 gets a one-line error without output. DeepSpeed itself is never needed (nor importable here)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from ckptconv.cli.main import cli
 from ckptconv.formats.detect import detect_format
 from tiny_models import hf_logits
+from helpers import one_line_error, run, tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures" / "deepspeed"
@@ -27,26 +25,6 @@ CASES = sorted(p.name for p in FIX.iterdir() if (p / "case.json").is_file())
 INFO = {c: json.loads((FIX / c / "case.json").read_text()) for c in CASES}
 ZERO = [c for c in CASES if not (INFO[c].get("pipe") or INFO[c].get("megatron"))]
 MEGATRON_DS = [c for c in CASES if INFO[c].get("pipe") or INFO[c].get("megatron")]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,13 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckptconv import hf_to_megatron, megatron_to_hf
-from ckptconv.cli.main import cli
 from ckptconv.verify.manifest import MANIFEST_NAME
+from helpers import run
 
 MANIFEST = MANIFEST_NAME
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def fingerprint(path, *extra):

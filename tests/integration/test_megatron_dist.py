@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckptconv import hf_to_megatron, inspect_checkpoint, megatron_to_hf
-from ckptconv.cli.main import cli
 from ckptconv.engine.reshard import reshard
 from ckptconv.errors import MissingTensors
 from ckptconv.formats.megatron_dist import MegatronDistReader
@@ -27,38 +25,13 @@ from ckptconv.formats.megatron_dist_write import MegatronDistWriter
 from ckptconv.plan.megatron_layout import MegatronLayout
 from ckptconv.types import TensorMeta
 from tiny_models import hf_logits
+from helpers import assert_same_hf, assert_same_rank_models, hf_tensors, one_line_error as exit_2, run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 DIST_FIXTURES = ["megatron_dist_tp2pp2", "megatron_dist_tp1"]
 LAYOUTS = [(1, 1, None), (2, 2, None), (2, 2, 2), (4, 1, None)]
 MODELS = [("llama-gqa", torch.float32), ("qwen2", torch.float32), ("llama-tied", torch.bfloat16),
           ("mistral", torch.float32)]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def exit_2(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def hf_tensors(path):
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_hf(a, b):
-    ta, tb = hf_tensors(a), hf_tensors(b)
-    assert sorted(ta) == sorted(tb)
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
 
 
 def torch_dcp_state(iter_dir) -> dict:
@@ -143,27 +116,6 @@ def test_failure_mid_conversion_leaves_nothing(hf_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ reshard
-def rank_models(root):
-    """Per-rank `model` dicts via torch.load (weights-only; real Megatron files hold numpy RNG state)."""
-    import numpy as np
-
-    allowed = [argparse.Namespace, np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
-    out = {}
-    for f in sorted(Path(root).glob("*/mp_rank_*/model_optim_rng.pt")):
-        with torch.serialization.safe_globals(allowed):
-            state = torch.load(f, weights_only=True)
-        for key in (k for k in state if k.startswith("model")):
-            out[f"{f.parent.name}/{key}"] = state[key]
-    return out
-
-
-def assert_same_rank_models(a, b):
-    ma, mb = rank_models(a), rank_models(b)
-    assert sorted(ma) == sorted(mb) and ma
-    for rank in ma:
-        assert sorted(ma[rank]) == sorted(mb[rank]), rank
-        for k, v in ma[rank].items():
-            assert (v is None and mb[rank][k] is None) or torch.equal(v, mb[rank][k]), (rank, k)
 
 
 def test_real_torch_fixture_to_torch_dist_and_back_is_bit_exact(tmp_path):

@@ -3,7 +3,6 @@ formats, layout errors (exit 2, one line, no output), --workers 2 == --workers 1
 partition run by two torchrun ranks on gloo."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -13,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from ckptconv import hf_to_megatron
-from ckptconv.cli.main import cli
 from ckptconv.engine.reshard import reshard
 from ckptconv.engine.reshard_workers import partition
 from ckptconv.formats.megatron import READERS
 from ckptconv.formats.detect import detect_format
+from helpers import assert_same_rank_models, one_line_error as exit_2, rank_models, run
 
 REPO = Path(__file__).resolve().parents[2]
 FORMATS = ["torch", "torch_dist"]
@@ -30,38 +28,6 @@ LAYOUTS = [(1, 1, None), (2, 2, None), (4, 1, None), (1, 4, None), (2, 2, 2)]
 
 def lid(lay):
     return "tp{}pp{}".format(*lay) + (f"vpp{lay[2]}" if lay[2] else "")
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def exit_2(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def rank_models(root):
-    """Per-rank `model*` dicts of a torch-format checkpoint (torch.load, weights only)."""
-    out = {}
-    for f in sorted(Path(root).glob("*/mp_rank_*/model_optim_rng.pt")):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(f, weights_only=True)
-        for key in (k for k in state if k.startswith("model")):
-            out[f"{f.parent.name}/{key}"] = state[key]
-    return out
-
-
-def assert_same_rank_models(a, b):
-    ma, mb = rank_models(a), rank_models(b)
-    assert sorted(ma) == sorted(mb) and ma
-    for rank in ma:
-        assert sorted(ma[rank]) == sorted(mb[rank]), rank
-        for k, v in ma[rank].items():
-            assert (v is None and mb[rank][k] is None) or torch.equal(v, mb[rank][k]), (rank, k)
 
 
 def logical(root):

@@ -8,7 +8,6 @@ Multi-rank runs fork gloo ranks (~1 s each here); the full family x layout matri
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from ckptconv.plan.megatron_layout import MegatronLayout, pad_vocab_size, tp_kin
 from ckptconv.runtime import RankFailure, logits, prepare_run, run_local
 from ckptconv.runtime.loader import HFAsMegatron
 from tiny_models import BASE, hf_logits, tokens
+from helpers import tree_hash
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "megatron_torch_tp2pp2"
 FAMILIES = ["llama-gqa", "qwen2", "llama-tied", "mistral"]
@@ -276,11 +276,6 @@ def test_token_ids_are_checked(converted):
 
 
 # ------------------------------------------------------------------ CLI
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 def test_cli_run_summary_json_and_saved_logits(tmp_path):

@@ -10,19 +10,14 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckptconv import hf_to_megatron, megatron_to_hf
-from ckptconv.cli.main import cli
+from helpers import run
 
 RANK = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 QKV = "decoder.layers.{}.self_attention.linear_qkv.weight"
 FC1 = "decoder.layers.{}.mlp.linear_fc1.weight"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def verify_json(a, b, *extra):
