@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..families import family_by_name
+from ..formats.closing import ClosesOnExit
 from ..formats.megatron_args import config_from_args
 from ..ops import get_op
 from ..plan.planner import Plan, PlanItem, plan_megatron_to_hf
@@ -19,7 +20,7 @@ from ..types import TensorMeta
 HF_ASSETS_DIR = "hf_assets"     # inside a Megatron checkpoint root: the source HF config + tokenizer files
 
 
-class MegatronAsHF:
+class MegatronAsHF(ClosesOnExit):
     def __init__(self, reader, hf_config: dict | None = None, dtype: torch.dtype | None = None):
         self.reader = reader
         self.path = Path(reader.root)
@@ -57,9 +58,3 @@ class MegatronAsHF:
     def close(self) -> None:
         self._group = None
         self.reader.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

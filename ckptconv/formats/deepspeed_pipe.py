@@ -30,9 +30,10 @@ from .deepspeed_megatron_names import (EMBEDDING, FINAL_NORM, LM_HEAD, classify_
                                        flat_core_name, flatten, layer_name, unsupported)
 from .deepspeed_zero import ZeroOptimFiles
 from .safe_pickle import LazyTensor
+from .closing import ClosesOnExit
 
 
-class MegatronDeepSpeedReader:
+class MegatronDeepSpeedReader(ClosesOnExit):
     format = "megatron_deepspeed"
 
     def __init__(self, path: str | Path, tag: str | None = None, *, weights: str = "master",
@@ -273,9 +274,4 @@ class MegatronDeepSpeedReader:
             o.close()
         self._optim = {}
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 

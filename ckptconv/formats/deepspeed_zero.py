@@ -25,6 +25,7 @@ from .deepspeed_common import (OPTIM_STATES, ZERO3_MODEL_STATES, find_hf_config,
                                require_dict, require_hf_config, resolve_tag_dir)
 from .hf import ASSET_NAMES
 from .safe_pickle import LazyTensor
+from .closing import ClosesOnExit
 
 WEIGHTS = ("master", "module")
 
@@ -132,7 +133,7 @@ def model_states_files(tag_dir: Path, mp: int = 0) -> tuple[list, bool]:
     return files, True
 
 
-class DeepSpeedZeroSource:
+class DeepSpeedZeroSource(ClosesOnExit):
     """An HF-named view of a ZeRO checkpoint (see the module docstring). Context manager."""
 
     format = "deepspeed"
@@ -263,12 +264,6 @@ class DeepSpeedZeroSource:
         self._model_files = []
         if self.optim is not None:
             self.optim.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _widen(dtype: torch.dtype) -> torch.dtype:

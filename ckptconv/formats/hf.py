@@ -30,6 +30,7 @@ from ckptconv.formats.hf_write import HFWriter
 from ckptconv.formats.mapped import map_region
 from ckptconv.formats.safetensors_io import _REFIX, read_into, read_safetensors_header
 from ckptconv.types import TensorMeta
+from ckptconv.formats.closing import ClosesOnExit
 
 __all__ = ["ASSET_NAMES", "HFReader", "HFWriter"]
 
@@ -48,7 +49,7 @@ class _Entry:
     lazy: Any = None         # safe_pickle LazyTensor (.bin)
 
 
-class HFReader:
+class HFReader(ClosesOnExit):
     """Read a Hugging Face model directory, header first. Context manager.
 
     ``config_path`` optionally points at a config.json elsewhere (for weight-only dirs)."""
@@ -215,11 +216,6 @@ class HFReader:
             self._handles.clear()
         self._stack.close()
 
-    def __enter__(self) -> HFReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- internals -------------------------------------------------------------------
     def _entry(self, name: str) -> _Entry:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from ckptconv.errors import LayoutError, MissingTensors
+from ckptconv.formats.closing import CommitsOnExit
 from ckptconv.formats.safetensors_io import _DTYPE_TO_ST, create_shard, write_at
 from ckptconv.plan.output_shards import plan_shards, shard_file_names
 from ckptconv.types import TensorMeta
 
 
-class HFWriter:
+class HFWriter(CommitsOnExit):
     """Stream tensors into ``out_dir`` as safetensors shards (+ index when >1 shard).
 
     ``out_dir`` must exist (a private temp dir; the caller renames it into place).
@@ -119,10 +120,7 @@ class HFWriter:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    def __enter__(self) -> HFWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:   # a failing close() aborts too
         if exc_type is not None:
             self.abort()
             return

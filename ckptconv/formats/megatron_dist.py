@@ -32,6 +32,7 @@ from .megatron_dist_detect import METADATA_JSON, dist_backend  # noqa: F401 (MET
 from .megatron_names import to_canonical
 from .megatron_torch import resolve_iteration_dir
 from .safe_pickle import TorchFile
+from .closing import ClosesOnExit
 
 COMMON_FILE = "common.pt"
 BACKEND = "torch_dist"
@@ -46,7 +47,7 @@ def resolve_dist_iteration_dir(root: Path, iteration: str | int = "latest") -> P
                                  holds=METADATA_JSON)
 
 
-class MegatronDistReader:
+class MegatronDistReader(ClosesOnExit):
     """Lazily reads a torch_dist checkpoint: metadata and common.pt at open time, bytes on read."""
 
     format = "megatron_torch_dist"
@@ -199,8 +200,3 @@ class MegatronDistReader:
         if self._common_file is not None:
             self._common_file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -50,6 +50,7 @@ from ..types import TensorMeta
 from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON
 from .megatron_names import EXTRA_STATE_MODULES
 from .megatron_torch import LATEST, iteration_dir_name
+from .closing import CommitsOnExit
 
 CHECKPOINT_CONFIG = {"sharded_backend": BACKEND, "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
@@ -136,7 +137,7 @@ class _FileSystemWriter(dcp.FileSystemWriter):
         return StorageMeta()   # we write into a temporary directory that is renamed: record no path
 
 
-class MegatronDistWriter:
+class MegatronDistWriter(CommitsOnExit):
     """The Megatron writer interface (see `formats/megatron.py`). ``impl``, ``tie_copy`` and
     ``gated_mlp`` are accepted for parity with the per-rank writer and change nothing: stored keys
     are always TE names, a tied output layer is never stored, fc1 keeps its logical layout."""
@@ -238,15 +239,6 @@ class MegatronDistWriter:
     def abort(self) -> None:
         self._handoff.fail(_Aborted())
         self._thread.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _item(fqn: str, offsets, sizes, size, dtype: torch.dtype, kind: WriteItemType) -> WriteItem:

@@ -23,6 +23,7 @@ from .megatron_args import layout_from_args
 from .megatron_names import extra_state_keys, is_extra_state, to_canonical, to_impl
 from .safe_pickle import TorchFile
 from .torch_save_stream import StreamingTorchSave, TensorSlot
+from .closing import ClosesOnExit, CommitsOnExit
 
 FILE_NAME = "model_optim_rng.pt"
 LATEST = "latest_checkpointed_iteration.txt"
@@ -71,7 +72,7 @@ def resolve_iteration_dir(root: Path, iteration: str | int = "latest", *,
     return path
 
 
-class MegatronTorchReader:
+class MegatronTorchReader(ClosesOnExit):
     """Lazily reads a per-rank checkpoint: only the pickles are parsed at open time."""
 
     format = "megatron_torch"
@@ -257,14 +258,8 @@ class MegatronTorchReader:
             f.close()
         self._files = {}
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class MegatronTorchWriter:
+class MegatronTorchWriter(CommitsOnExit):
     """Streams logical tensors into per-rank files: each file's pickle is written up front from
     the plan; `write(name, full)` slices the tensor for every rank that holds part of it."""
 
@@ -333,15 +328,6 @@ class MegatronTorchWriter:
     def abort(self) -> None:
         for f in self._files.values():
             f.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 _ORDER = ["embedding.", "decoder.layers.", "decoder.final_layernorm", "output_layer"]

@@ -27,12 +27,12 @@ from typing import Any, BinaryIO, Callable, Iterator
 import torch
 
 from ..errors import CorruptCheckpoint, UnsafeCheckpoint
-# Names defined here before the policy split are re-imported so they stay importable from here.
-from .lazy_tensor import LazyTensor, _StorageRef  # noqa: F401 (re-exported)
+from .closing import ClosesOnExit
+from .lazy_tensor import LazyTensor, _StorageRef
 from .mapped import file_target, map_region
-from .safe_pickle_policy import (_ALLOWLIST, _DENY, _DTYPES, _TEXT_CODECS,  # noqa: F401
-                                 STORAGE_DTYPES, Placeholder, _bytes_like, _device, _encode,
-                                 _find_global, _from_type_v2, _ints, _marker, _Safe, _StorageType)
+from .safe_pickle_policy import _ALLOWLIST, Placeholder, _find_global, _ints, _Safe, _StorageType
+
+__all__ = ["LazyTensor", "Placeholder", "TorchFile", "iter_lazy", "load_tree", "materialize"]
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _REFETCH = "re-download or re-copy the file"
@@ -191,7 +191,7 @@ class _SafeUnpickler(pickle.Unpickler):
         return _StorageRef(self._archive, key, stype.dtype, numel * stype.dtype.itemsize)
 
 
-class TorchFile:
+class TorchFile(ClosesOnExit):
     """An open ``torch.save`` file; ``.obj`` is the tree with LazyTensor / Placeholder leaves.
 
     ``opener(path) -> binary file`` may be given (e.g. to count reads); default ``open(p, 'rb')``."""
@@ -224,12 +224,6 @@ class TorchFile:
 
     def close(self) -> None:
         self._archive.close()
-
-    def __enter__(self) -> TorchFile:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def load_tree(path: str | Path) -> Any:

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..errors import LayoutError, MissingTensors, WriteFailed
-from .safe_pickle import STORAGE_DTYPES
+from .closing import CommitsOnExit
+from .safe_pickle_policy import STORAGE_DTYPES
 
 _STORAGE_NAMES = {dt: n for n, dt in STORAGE_DTYPES.items() if n != "UntypedStorage"}
 _ALIGNMENT = 64
@@ -81,7 +82,7 @@ class _SlotPickler(pickle.Pickler):
         return None
 
 
-class StreamingTorchSave:
+class StreamingTorchSave(CommitsOnExit):
     """``torch.save(template-with-tensors, path)`` done incrementally.
 
     ``write(name, tensor)`` for every slot (any order), then ``close()``. Leaving a ``with``
@@ -217,15 +218,6 @@ class StreamingTorchSave:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-    def __enter__(self) -> "StreamingTorchSave":
-        return self
-
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __del__(self) -> None:  # never leave a valid-looking but incomplete file behind
         if getattr(self, "_writer", None) is not None:
