@@ -24,3 +24,13 @@ class CommitsOnExit:
             self.close()
         else:
             self.abort()
+
+
+def wrap_or_close(resource, make):
+    """``make(resource)`` (an adapter around an open reader); if building it raises, the reader is
+    closed before the error propagates, so a failed open leaks no file handles."""
+    try:
+        return make(resource)
+    except BaseException:
+        resource.close()
+        raise

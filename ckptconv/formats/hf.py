@@ -198,10 +198,7 @@ class HFReader(ClosesOnExit):
             return None
         row = m.nbytes // max(m.shape[0], 1)
         with self._lock:
-            f = self._handles.get(e.file)
-            if f is None:
-                f = self._handles[e.file] = open(e.file, "rb")
-            raw = map_region(f.fileno(), e.offset + start * row, (stop - start) * row)
+            raw = map_region(self._handle(e.file).fileno(), e.offset + start * row, (stop - start) * row)
         return None if raw is None else raw.view(m.dtype).view(stop - start, *m.shape[1:])
 
     def asset_files(self) -> list[Path]:
@@ -225,6 +222,13 @@ class HFReader(ClosesOnExit):
             raise MissingTensors("no such tensor in the checkpoint", path=self.path, tensor=name,
                                  fix="check the model family / tensor names") from None
 
+    def _handle(self, file: Path):
+        """The cached open handle of ``file`` (call with ``self._lock`` held)."""
+        f = self._handles.get(file)
+        if f is None:
+            f = self._handles[file] = open(file, "rb")
+        return f
+
     def _read_rows(self, e: _Entry, start: int, stop: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
         m = e.meta
         if stop is None:  # 0-d tensor
@@ -241,8 +245,5 @@ class HFReader(ClosesOnExit):
         if nbytes:
             view = memoryview(buf.numpy()).cast("B")
             with self._lock:
-                f = self._handles.get(e.file)
-                if f is None:
-                    f = self._handles[e.file] = open(e.file, "rb")
-                read_into(f, offset, view, e.file, m.name)
+                read_into(self._handle(e.file), offset, view, e.file, m.name)
         return out if out is not None else buf.view(m.dtype).reshape(shape)

@@ -196,6 +196,29 @@ class MegatronTorchReader(ClosesOnExit):
             del local, parts
         return out
 
+    def _boxes(self, name: str, dim: int, start: int, stop: int):
+        """For the slice ``start:stop`` along ``dim`` of ``name``: (rank's LazyTensor, box offsets and
+        sizes in that rank's local tensor, (dim, start, length) of where it lands in the slice); an
+        empty slice has none."""
+        meta = self._metas[name]
+        if not 0 <= start <= stop <= meta.shape[dim]:
+            raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
+        kind = self.kind(name)
+        ranks = [0] if kind == "replicated" or self.layout.tp == 1 else sorted(self._pieces[name])
+        for r in ranks:
+            lazy = self._pieces[name][r]
+            ranges = tp_pieces(kind, meta.shape, self.layout.tp, r, name) if len(ranks) > 1 else [(dim, 0, meta.shape[dim])]
+            at = 0                     # where this range starts in the rank's local tensor
+            for d, a, b in ranges:
+                lo, hi = (max(a, start), min(b, stop)) if d == dim else (a, b)
+                if lo < hi:
+                    offsets, sizes = [0] * len(meta.shape), list(lazy.shape)
+                    offsets[d], sizes[d] = at + lo - a, hi - lo
+                    if d != dim:
+                        offsets[dim], sizes[dim] = start, stop - start
+                    yield lazy, tuple(offsets), tuple(sizes), (d, lo - (start if d == dim else 0), hi - lo)
+                at += b - a
+
     def read_slice(self, name: str, dim: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """``read(name)`` narrowed to ``start:stop`` along ``dim``, reading from each TP rank's file
         only the bytes of the slice it holds, into ``out`` (the slice's shape) when given. A slice
@@ -203,55 +226,26 @@ class MegatronTorchReader(ClosesOnExit):
         meta = self._metas[name]
         if not meta.shape:
             return self.read(name) if out is None else out.copy_(self.read(name))
-        if not 0 <= start <= stop <= meta.shape[dim]:
-            raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
         shape = list(meta.shape)
         shape[dim] = stop - start
         if out is None:
             out = torch.empty(shape, dtype=meta.dtype)
         elif list(out.shape) != shape or out.dtype != meta.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the slice is {tuple(shape)} {meta.dtype}")
-        pieces = self._pieces[name]
-        kind = self.kind(name)
-        if kind == "replicated" or self.layout.tp == 1:
-            return pieces[0].load_slice(dim, start, stop, out=out)
-        for r, lazy in pieces.items():
-            at = 0                     # where this range starts in the rank's local tensor
-            for d, a, b in tp_pieces(kind, meta.shape, self.layout.tp, r, name):
-                lo, hi = (max(a, start), min(b, stop)) if d == dim else (a, b)
-                if lo < hi:
-                    offsets, sizes = [0] * len(shape), list(lazy.shape)
-                    offsets[d], sizes[d] = at + lo - a, hi - lo
-                    if d != dim:
-                        offsets[dim], sizes[dim] = start, stop - start
-                    dst = out.narrow(d, lo - (start if d == dim else 0), hi - lo)
-                    lazy.load_box(tuple(offsets), tuple(sizes), dst)
-                at += b - a
+        for lazy, offsets, sizes, (d, at, n) in self._boxes(name, dim, start, stop):
+            lazy.load_box(offsets, sizes, out.narrow(d, at, n))
         return out
 
     def view_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
         """``read_slice`` as a zero-copy view of one rank's file when the slice is one contiguous
         run of that rank's piece; None otherwise."""
-        meta = self._metas[name]
-        if not meta.shape or not 0 <= start <= stop <= meta.shape[dim]:
+        if not self._metas[name].shape:
             return None
-        pieces, kind = self._pieces[name], self.kind(name)
-        if kind == "replicated" or self.layout.tp == 1:
-            where = [(pieces[0], start)]
-        else:
-            where = []
-            for r, lazy in pieces.items():
-                at = 0
-                for d, a, b in tp_pieces(kind, meta.shape, self.layout.tp, r, name):
-                    if d == dim and a <= start and stop <= b:
-                        where.append((lazy, at + start - a))
-                    at += b - a
-        if len(where) != 1:
+        boxes = list(self._boxes(name, dim, start, stop))
+        if len(boxes) != 1 or boxes[0][3] != (dim, 0, stop - start):
             return None
-        lazy, lo = where[0]
-        offsets, sizes = [0] * len(meta.shape), list(lazy.shape)
-        offsets[dim], sizes[dim] = lo, stop - start
-        return lazy.view_box(tuple(offsets), tuple(sizes))
+        lazy, offsets, sizes, _ = boxes[0]
+        return lazy.view_box(offsets, sizes)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -14,6 +14,7 @@ import torch
 
 from ..families import family_by_name, family_for_hf
 from ..families.schema import ModelConfig
+from ..formats.closing import wrap_or_close
 from ..formats.detect import detect_format
 from ..formats.hf_hub import resolve_hf_source
 from ..formats.megatron import READERS as MEGATRON_READERS
@@ -51,11 +52,8 @@ class RunSpec:
         if self.fmt in MEGATRON_READERS:
             return LogicalShards(open_megatron_reader(Path(self.path), self.fmt, self.iteration), self.layout, tp_rank)
         source = open_hf_view(self.path, iteration=self.iteration, hf_config=self.hf_config)
-        try:
-            return LogicalShards(HFAsMegatron(source, self.cfg, self.layout, self.padded_vocab), self.layout, tp_rank)
-        except BaseException:
-            source.close()
-            raise
+        return wrap_or_close(source, lambda s: LogicalShards(HFAsMegatron(s, self.cfg, self.layout, self.padded_vocab),
+                                                             self.layout, tp_rank))
 
     def summary(self) -> dict:
         lay = self.layout

@@ -17,6 +17,7 @@ import torch
 
 from ..families import family_by_name, family_for_hf
 from ..families.schema import Mapping
+from ..formats.closing import wrap_or_close
 from ..formats.detect import detect_format
 from ..formats.megatron import READERS as MEGATRON_READERS
 from ..formats.megatron import open_megatron_reader
@@ -151,18 +152,8 @@ def open_side(path: str | Path, label: str, *, iteration: str | int = "latest", 
     if p.is_dir():
         fmt = detect_format(p)
         if fmt in MEGATRON_READERS:
-            reader = open_megatron_reader(p, fmt, iteration)
-            try:
-                return MegatronSide(reader, label, hf_config)
-            except BaseException:
-                reader.close()
-                raise
-    source = open_hf_view(path, iteration=iteration, hf_config=hf_config)
-    try:
-        return HFSide(source, label)
-    except BaseException:
-        source.close()
-        raise
+            return wrap_or_close(open_megatron_reader(p, fmt, iteration), lambda r: MegatronSide(r, label, hf_config))
+    return wrap_or_close(open_hf_view(path, iteration=iteration, hf_config=hf_config), lambda s: HFSide(s, label))
 
 
 def is_tied_copy(side, name: str) -> bool:
