@@ -6,6 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import tree_hash  # noqa: E402
 from tiny_models import VARIANTS, build_model, save_model  # noqa: E402
 
 
@@ -25,20 +26,10 @@ def hf_model_dir(tmp_path_factory):
     return make
 
 
-def _tree_digest(root: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts:
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def fixtures_are_never_modified():
     """Every command in the suite reads the committed fixtures; none may change a byte of them."""
     root = Path(__file__).resolve().parents[1] / "fixtures"
-    before = _tree_digest(root)
+    before = tree_hash(root)
     yield
-    assert _tree_digest(root) == before, "a test or command modified files under fixtures/"
+    assert tree_hash(root) == before, "a test or command modified files under fixtures/"
