@@ -51,6 +51,7 @@ class SharedDistWriter(MegatronDistWriter):
     def close(self) -> None:
         if self._rank == 0:
             return super().close()
+        self._start()
         self._handoff.close()
         self._thread.join()
         if self._failure is not None:

@@ -163,9 +163,17 @@ class MegatronDistWriter(CommitsOnExit):
         planner = _LazySavePlanner(extra_items + list(items.values()), self._resolve)
         storage = _FileSystemWriter(self.iter_dir, single_file_per_rank=False, sync_files=False,
                                     thread_count=1, per_thread_copy_ahead=0)
+        # started by the first write() or close(), i.e. inside the caller's `with` block: an
+        # interrupt while the writer is being built leaves no thread behind to create files in an
+        # output directory the caller is removing
         self._thread = threading.Thread(target=self._save, args=(planner, storage), daemon=True,
                                         name="ckptconv-dcp-writer")
-        self._thread.start()
+        self._started = False
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     @staticmethod
     def _plan(metas: list[TensorMeta], num_layers: int) -> dict[str, WriteItem]:
@@ -221,9 +229,11 @@ class MegatronDistWriter(CommitsOnExit):
         if name in self._written:
             raise LayoutError("tensor written twice", tensor=name)
         self._written.add(name)
+        self._start()
         self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
 
     def close(self) -> None:
+        self._start()
         try:
             self._handoff.close()
             self._thread.join()
@@ -238,7 +248,8 @@ class MegatronDistWriter(CommitsOnExit):
 
     def abort(self) -> None:
         self._handoff.fail(_Aborted())
-        self._thread.join()
+        if self._started:
+            self._thread.join()
 
 
 def _item(fqn: str, offsets, sizes, size, dtype: torch.dtype, kind: WriteItemType) -> WriteItem:
