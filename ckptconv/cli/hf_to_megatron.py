@@ -36,7 +36,9 @@ def parse_iteration(value: str) -> int | str:
 @dtype_option
 @click.option("--make-vocab-size-divisible-by", "divisible_by", type=int, default=128, show_default=True)
 @click.option("--iteration", default="release", show_default=True, help="'release' or an iteration number.")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Hugging Face hub cache for repo ids.")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Hugging Face hub cache for hf:// repo ids.")
+@click.option("--download", is_flag=True,
+              help="Download an hf://org/name repo that is not in the hub cache (off: cache only).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
 @overwrite_option
 @nonfinite_option
@@ -44,12 +46,12 @@ def parse_iteration(value: str) -> int | str:
 @debug_option
 @handle_errors
 def command(src, dst, tp, pp, vpp, first_stage_layers, last_stage_layers, ckpt_format, transformer_impl, dtype,
-            divisible_by, iteration, cache_dir, dry_run, overwrite, allow_nonfinite, as_json):
-    """Convert a Hugging Face checkpoint (directory or cached hub id) to Megatron-Core."""
+            divisible_by, iteration, cache_dir, download, dry_run, overwrite, allow_nonfinite, as_json):
+    """Convert a Hugging Face checkpoint (directory, or hf://org/name from the hub cache) to Megatron-Core."""
     summary = hf_to_megatron(src, dst, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl, dtype=dtype_arg(dtype),
                              divisible_by=divisible_by, iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
                              overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
-                             show_progress=not as_json, cache_dir=cache_dir, first_stage_layers=first_stage_layers,
+                             show_progress=not as_json, cache_dir=cache_dir, download=download, first_stage_layers=first_stage_layers,
                              last_stage_layers=last_stage_layers)
     text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")
     emit(summary, as_json, text)

@@ -79,9 +79,11 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
     return summary
 
 
-def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | None = None, **kwargs) -> dict:
-    """Convert an HF checkpoint (directory or cached hub id) to Megatron (see source_to_megatron)."""
-    with HFReader(resolve_hf_source(str(src), cache_dir)) as source:
+def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | None = None,
+                   download: bool = False, **kwargs) -> dict:
+    """Convert an HF checkpoint (directory, or hf:// repo id: cache, or download if asked) to
+    Megatron (see source_to_megatron)."""
+    with HFReader(resolve_hf_source(str(src), cache_dir, download)) as source:
         return source_to_megatron(source, dst, **kwargs)
 
 

@@ -381,9 +381,9 @@ def test_resolve_local_path(tmp_path):
 def test_resolve_cached_repo_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snap = _fake_cache(tiny, tmp_path / "cache")
-    got = resolve_hf_source("org/tiny", cache_dir=tmp_path / "cache")
+    got = resolve_hf_source("hf://org/tiny", cache_dir=tmp_path / "cache")
     assert got.resolve() == snap.resolve()
-    assert resolve_hf_source("org/tiny@" + "a" * 40,
+    assert resolve_hf_source("hf://org/tiny@" + "a" * 40,
                              cache_dir=str(tmp_path / "cache")).resolve() == snap.resolve()
     with HFReader(got) as r:
         w = "model.layers.1.mlp.down_proj.weight"
@@ -393,12 +393,54 @@ def test_resolve_cached_repo_offline(tiny, tmp_path, monkeypatch):
 def test_resolve_unknown_repo_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fake_cache(tiny, tmp_path / "cache")
-    for src in ("org/does-not-exist", "org/tiny@v9.9"):
-        with pytest.raises(UnknownFormat, match="neither a local path") as ei:
-            resolve_hf_source(src, cache_dir=tmp_path / "cache")
+    for src in ("hf://org/does-not-exist", "hf://org/tiny@v9.9"):
+        with pytest.raises(UnknownFormat, match="offline mode is on") as ei:
+            resolve_hf_source(src, cache_dir=tmp_path / "cache", download=True)
         assert src in str(ei.value) and "Fix:" in str(ei.value)
-    with pytest.raises(UnknownFormat, match="neither"):
-        resolve_hf_source("not a/valid/repo id", cache_dir=tmp_path / "cache")
+    with pytest.raises(UnknownFormat, match="not a Hugging Face repo id"):
+        resolve_hf_source("hf://not a/valid/repo id", cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def download_calls(monkeypatch):
+    """Record every snapshot_download that is not a cache look-up (and never reach the network)."""
+    import huggingface_hub
+
+    calls, real = [], huggingface_hub.snapshot_download
+
+    def fake(repo_id, *, local_files_only=False, **kw):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, **kw)
+        calls.append(repo_id)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return calls
+
+
+def test_mistyped_local_path_never_downloads(tmp_path, download_calls):
+    """Issue 18.6: a path that does not exist is an error naming the path, whatever it looks like
+    (org/name, a bare name); nothing is looked up on the hub."""
+    for src in ("org/tiny-lama", "tiny-lama", str(tmp_path / "missing")):
+        with pytest.raises(UnknownFormat, match="no such file or directory") as ei:
+            resolve_hf_source(src, cache_dir=tmp_path / "cache")
+        assert src in str(ei.value) and "hf://" in str(ei.value)
+    assert download_calls == []
+
+
+def test_hub_id_downloads_only_when_asked(tiny, tmp_path, download_calls):
+    snap = _fake_cache(tiny, tmp_path / "cache")
+    assert resolve_hf_source("hf://org/tiny", cache_dir=tmp_path / "cache").resolve() == snap.resolve()
+    with pytest.raises(UnknownFormat, match="downloading is off") as ei:
+        resolve_hf_source("hf://org/other", cache_dir=tmp_path / "cache")
+    assert "--download" in str(ei.value)
+    assert download_calls == []
+    with pytest.raises(UnknownFormat, match="could not be downloaded"):
+        resolve_hf_source("hf://org/other", cache_dir=tmp_path / "cache", download=True)
+    assert download_calls == ["org/other"]
 
 
 def test_read_slice_into_out(tiny):
