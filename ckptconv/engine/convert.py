@@ -63,7 +63,7 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
             for item in progress(plan.items, desc="to megatron", enabled=show_progress):
                 xs = [source.read(m.name) for m in item.hf]
                 for m, x in zip(item.hf, xs):
-                    check_finite(m.name, x, source.path, allow_nonfinite)
+                    check_finite(m.name, x, source.path, allow_nonfinite, item.megatron.dtype)
                 t = get_op(item.op).forward(xs, plan.ctx)
                 writer.write(item.megatron.name, t.to(item.megatron.dtype))
                 for m, x in zip(item.hf, xs):       # what a reader of the output gets back
@@ -105,7 +105,7 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
         with HFWriter(tmp, metas, parse_size(max_shard_size)) as writer:
             for m in progress(metas, desc="to hf", enabled=show_progress):
                 t = source.read(m.name)
-                check_finite(m.name, t, source.path, allow_nonfinite)
+                check_finite(m.name, t, source.path, allow_nonfinite, m.dtype)
                 t = t.to(m.dtype)
                 writer.write(m.name, t)
                 fingerprints.add(m.name, t)

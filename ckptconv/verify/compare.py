@@ -61,6 +61,31 @@ def reference(a: torch.Tensor, b_dtype: torch.dtype) -> tuple[torch.Tensor, str]
     return (a if a.dtype == b_dtype else a.to(b_dtype)), rule_for(a.dtype, b_dtype)
 
 
+def newly_nonfinite(a: torch.Tensor, ref: torch.Tensor) -> int:
+    """How many finite values of ``a`` became Inf/NaN in ``ref`` (``a`` cast to another dtype).
+    One reduction over ``ref`` when nothing overflowed (the common case); a count only if so."""
+    if ref.dtype == a.dtype or not (ref.is_floating_point() and a.is_floating_point()) or ref.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(ref)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return 0
+    fa, fr = a.reshape(-1), ref.reshape(-1)
+    return sum(int((torch.isfinite(fa[s:s + _CHUNK]) & ~torch.isfinite(fr[s:s + _CHUNK])).sum())
+               for s in range(0, fr.numel(), _CHUNK))
+
+
+def cast_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """B holds exactly A cast to B's dtype, and the cast turned no finite value of A into Inf/NaN."""
+    ref = a if a.dtype == b.dtype else a.to(b.dtype)
+    return values_equal(ref, b) and newly_nonfinite(a, ref) == 0
+
+
+def _overflow_detail(a: torch.Tensor, b_dtype: torch.dtype, n: int) -> str:
+    big = float(a.double().abs().nan_to_num(0.0, 0.0, 0.0).max())
+    return (f"{n} finite value(s) of A are Inf/NaN in B ({dtype_name(b_dtype)} overflow: max |A| {big:.6g}, "
+            f"{dtype_name(b_dtype)} range ±{torch.finfo(b_dtype).max:.6g})")
+
+
 def _memcmp_contiguous(x: torch.Tensor, y: torch.Tensor) -> bool | None:
     """memcmp of two contiguous CPU tensors; None if they are laid out otherwise. (libc's memcmp
     stops at the first difference, allocates nothing and releases the GIL once; torch's
@@ -143,6 +168,11 @@ def compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor, atol: float | No
         return TensorResult(name, "shape", detail=f"A {list(a.shape)} vs B {list(b.shape)}",
                             max_abs=None, max_rel=None, n_diff=None, numel=b.numel()), None
     ref, rule = reference(a, b.dtype)
+    over = newly_nonfinite(a, ref)
+    if over:          # overflowing values are a difference, whatever the tolerances
+        _, _, n = figures(ref, b)          # figures count Inf vs Inf as differing, so n >= over
+        return TensorResult(name, "differs", rule, float("inf"), float("inf"), max(n, over), b.numel(),
+                            detail=_overflow_detail(a, b.dtype, over)), ref
     if values_equal(ref, b):
         return TensorResult(name, status_for(rule), rule, numel=b.numel()), ref
     max_abs, max_rel, n = figures(ref, b)

@@ -11,7 +11,8 @@ from ..errors import CkptError, LayoutError
 from ..plan.megatron_layout import tp_kind
 from .compare import TensorResult, compare_tensor, rule_for, sketch, status_for
 from .diagnose import Context, diagnose, group_label
-from .diagnose_layers import both_ways, split_layer
+from .diagnose_layers import split_layer
+from .layer_report import layer_diagnoses
 from .groups import Group, common_space, hf_groups, megatron_groups
 from .manifest import model_fields
 from .report import Report
@@ -62,25 +63,6 @@ def config_result(ca, cb) -> TensorResult:
         return TensorResult("config", "config", "architecture must match", None, None, None,
                             detail="; ".join(bad), diagnosis="model configs differ: " + "; ".join(bad))
     return TensorResult("config", "equal", "architecture fields equal")
-
-
-def stage_of(side):
-    """Layer index -> pipeline stage of a Megatron side with PP > 1, else None."""
-    lay = side.layout
-    if lay is None or lay.pp < 2:
-        return None
-    return lambda i: lay.locate(f"decoder.layers.{i}.x").pp_rank
-
-
-def layer_diagnoses(report: Report, sa, sb, keys_a: dict, keys_b: dict, explained: set[str] = frozenset()) -> None:
-    failing = [r.name for r in report.results if r.status in ("differs", "shape") and r.name not in explained]
-    msgs = both_ways(failing, keys_a, keys_b, layers_a=sa.cfg.num_layers, layers_b=sb.cfg.num_layers,
-                     stage_a=stage_of(sa), stage_b=stage_of(sb),
-                     missing_in_a=[r.name for r in report.results if r.status == "missing_in_a"],
-                     missing_in_b=[r.name for r in report.results if r.status == "missing_in_b"])
-    for r in report.results:
-        if r.name in msgs:
-            r.diagnosis = msgs[r.name]
 
 
 def compare_tensors(sa, sb, report: Report, atol, rtol) -> None:

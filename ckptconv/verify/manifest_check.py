@@ -5,15 +5,17 @@ hashes across parameters (swaps, layer offsets), since no values are available."
 from __future__ import annotations
 
 from ..types import dtype_name
-from .compare import TensorResult, reference
+from .compare import TensorResult, newly_nonfinite, reference
 from .diagnose import group_label, short
 from .diagnose_layers import split_layer
-from .equivalence import layer_diagnoses
+from .layer_report import layer_diagnoses
 from .walk import prefetched
 from .groups import hf_groups, read_group
 from .manifest import tensor_digest
 from .report import Report
 from .sides import ManifestSide
+
+_OVERFLOW = "overflow:"      # in place of a digest: this many finite values overflowed the cast
 
 
 def compare_with_manifest(sa, sb, report: Report) -> None:
@@ -45,7 +47,9 @@ def _hash_checkpoint(sa, sb, report: Report):
         for n, t in read_group(ck, man, g, key, "hf").items():
             target = metas[n].dtype if n in metas else t.dtype
             ref, _ = reference(t, target)
-            out[n] = (tuple(t.shape), dtype_name(ref.dtype), tensor_digest(ref), dtype_name(t.dtype))
+            over = newly_nonfinite(t, ref)       # the digest of an overflowed cast matches nothing
+            digest = f"{_OVERFLOW}{over}" if over else tensor_digest(ref)
+            out[n] = (tuple(t.shape), dtype_name(ref.dtype), digest, dtype_name(t.dtype))
         return out
 
     ck_digests: dict[str, tuple] = {}
@@ -75,6 +79,10 @@ def _result(name: str, da, db, sa, sb) -> TensorResult:
     if da[1] != db[1]:
         return TensorResult(name, "differs", rule, detail=f"dtype A {da[1]} vs B {db[1]}",
                             numel=_numel(da[0]), **none)
+    over = next((d[2][len(_OVERFLOW):] for d in (da, db) if d[2].startswith(_OVERFLOW)), None)
+    if over is not None:
+        return TensorResult(name, "differs", rule, detail=f"{over} finite value(s) become Inf/NaN when cast to "
+                            f"{da[1]} (overflow)", numel=_numel(da[0]), **none)
     if da[2] == db[2]:
         return TensorResult(name, "rounded" if cast else "equal", rule, numel=_numel(da[0]))
     return TensorResult(name, "differs", rule, detail="fingerprint differs", numel=_numel(da[0]), **none)

@@ -22,7 +22,7 @@ from ..errors import LayoutError
 from ..ops import OpContext, get_op
 from ..plan.megatron_layout import tp_kind, tp_pieces
 from ..types import TensorMeta
-from .compare import values_equal
+from .compare import cast_equal
 
 RUN_BYTES = 4 << 20           # pieces and A's row runs: at most this many bytes (cache-friendly)
 
@@ -165,7 +165,7 @@ class PieceReader:
 def runs_equal(a_runs: list[tuple[int, torch.Tensor]], b_runs: list[tuple[int, torch.Tensor]],
                rows: int | None) -> bool:
     """A's and B's runs cover piece rows [0, rows) identically and hold equal values (A cast to
-    B's dtype). Runs may be cut at different rows on the two sides. ``rows`` None: B's extent."""
+    B's dtype, no finite value overflowing). Runs may be cut at different rows on the two sides. ``rows`` None: B's extent."""
     if rows is None:
         rows = sum(t.shape[0] for _, t in b_runs)
     covered = 0
@@ -176,7 +176,7 @@ def runs_equal(a_runs: list[tuple[int, torch.Tensor]], b_runs: list[tuple[int, t
         hi = min(oa + ta.shape[0], ob + tb.shape[0], rows)
         if hi > lo:
             a, b = ta.narrow(0, lo - oa, hi - lo), tb.narrow(0, lo - ob, hi - lo)
-            if tuple(a.shape) != tuple(b.shape) or not values_equal(a.to(b.dtype), b):
+            if tuple(a.shape) != tuple(b.shape) or not cast_equal(a, b):
                 return False
             covered += hi - lo
         if oa + ta.shape[0] <= ob + tb.shape[0]:

@@ -95,7 +95,7 @@ def test_hub_repo_id_from_local_cache(hf_model_dir, tmp_path):
     shutil.copytree(hf_model_dir("llama-gqa"), snap)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("a" * 40)
-    r = run("hf-to-megatron", "tiny-org/tiny-llama", tmp_path / "mg", "--cache-dir", cache, "--tp", 2)
+    r = run("hf-to-megatron", "hf://tiny-org/tiny-llama", tmp_path / "mg", "--cache-dir", cache, "--tp", 2)
     assert r.exit_code == 0, r.output
     assert run("megatron-to-hf", tmp_path / "mg", tmp_path / "hf").exit_code == 0
     assert run("verify", hf_model_dir("llama-gqa"), tmp_path / "hf").exit_code == 0
