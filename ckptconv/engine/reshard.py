@@ -113,7 +113,7 @@ def _repad(t: torch.Tensor, rows: int) -> torch.Tensor:
 def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) -> dict:
     lay = plan.layout
     try:
-        family = config_from_args(reader.args, reader.meta.get("hf_config")).family
+        family = config_from_args(reader.args, reader.meta.get("hf_config"), check_fields=False).family
     except CkptError:
         family = None
     largest = max(m.nbytes for m in plan.metas)

@@ -13,6 +13,7 @@ import torch
 from ..errors import UnsupportedFamily
 from ..families import family_by_name, family_for_hf
 from ..families.schema import ModelConfig
+from .megatron_args_fields import check_args_fields
 from ..plan.megatron_layout import MegatronLayout
 
 
@@ -64,9 +65,13 @@ def layout_from_args(args: Any) -> MegatronLayout:
     )
 
 
-def config_from_args(args: Any, hf_config: dict | None = None) -> ModelConfig:
+def config_from_args(args: Any, hf_config: dict | None = None, *, check_fields: bool = True) -> ModelConfig:
     """The model config of a Megatron checkpoint; an HF config (carried in the checkpoint or
-    given with --hf-config) decides the family and restores the exact architecture."""
+    given with --hf-config) decides the family and restores the exact architecture. Args fields
+    that change the function and are not mapped are refused (``megatron_args_fields``) unless
+    ``check_fields`` is off (the args are carried verbatim, as by reshard)."""
+    if check_fields:
+        check_args_fields(args)
     if hf_config:
         return family_for_hf(hf_config).from_hf_config(hf_config)
     if getattr(args, "add_bias_linear", False) or not getattr(args, "swiglu", False) \
@@ -86,7 +91,7 @@ def config_from_args(args: Any, hf_config: dict | None = None) -> ModelConfig:
         ffn_hidden_size=int(args.ffn_hidden_size), num_heads=heads, num_kv_heads=groups,
         head_dim=int(getattr(args, "kv_channels", None) or int(args.hidden_size) // heads),
         vocab_size=int(vocab), tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
-        qkv_bias=bool(getattr(args, "add_qkv_bias", False)), norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
+        qkv_bias=bool(getattr(args, "add_qkv_bias", False)), norm_eps=float(getattr(args, "layernorm_epsilon", None) or getattr(args, "norm_epsilon", 1e-5)),
         rope_theta=float(getattr(args, "rotary_base", 10000)),
         max_position_embeddings=int(getattr(args, "max_position_embeddings", 4096)), rope_scaling=scaling,
     )

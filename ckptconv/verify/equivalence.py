@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..errors import CkptError, LayoutError
+from ..formats.megatron_args_fields import REFUSED_UNLESS, check_args_fields
 from ..plan.megatron_layout import tp_kind
 from .compare import TensorResult, compare_tensor, rule_for, sketch, status_for
 from .diagnose import Context, diagnose, group_label
@@ -36,7 +37,8 @@ def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = Non
         if logits and "manifest" in (sa.kind, sb.kind):
             raise CkptError("--logits needs two checkpoints, not a manifest",
                             path=b if sb.kind == "manifest" else a, fix="drop --logits or pass the checkpoint itself")
-        report.results.append(config_result(sa.cfg, sb.cfg))
+        check_sides_args(sa, sb)
+        report.results.append(config_result(sa.cfg, sb.cfg, args_pair(sa, sb)))
         if "manifest" in (sa.kind, sb.kind):
             from .manifest_check import compare_with_manifest
             compare_with_manifest(sa, sb, report)
@@ -56,9 +58,28 @@ def _norm(v):
     return v
 
 
-def config_result(ca, cb) -> TensorResult:
+def check_sides_args(sa, sb) -> None:
+    """Across frameworks, a Megatron side is read through the family tables: refuse args fields
+    they do not map (as a conversion would). Megatron vs Megatron compares the args instead."""
+    kinds = {sa.kind, sb.kind}
+    if "megatron" in kinds and len(kinds) == 2:
+        side = sa if sa.kind == "megatron" else sb
+        check_args_fields(side.reader.args, path=side.path)
+
+
+def args_pair(sa, sb) -> dict:
+    """Function-changing args fields no family maps, where two Megatron sides disagree."""
+    if sa.kind != "megatron" or sb.kind != "megatron":
+        return {}
+    a, b = sa.reader.args, sb.reader.args
+    return {k: (getattr(a, k, None), getattr(b, k, None)) for k in REFUSED_UNLESS
+            if getattr(a, k, None) != getattr(b, k, None)}
+
+
+def config_result(ca, cb, args_diff: dict | None = None) -> TensorResult:
     fa, fb = model_fields(ca), model_fields(cb)
     bad = [f"{k}: A {fa[k]!r} vs B {fb[k]!r}" for k in fa if _norm(fa[k]) != _norm(fb[k])]
+    bad += [f"args.{k}: A {x!r} vs B {y!r}" for k, (x, y) in (args_diff or {}).items()]
     if bad:
         return TensorResult("config", "config", "architecture must match", None, None, None,
                             detail="; ".join(bad), diagnosis="model configs differ: " + "; ".join(bad))

@@ -74,7 +74,7 @@ class MegatronSide:
 
     def __init__(self, reader, label: str, hf_config: dict | None = None):
         self.reader, self.label, self.path = reader, label, Path(reader.root)
-        self.cfg = config_from_args(reader.args, hf_config or reader.meta.get("hf_config"))
+        self.cfg = config_from_args(reader.args, hf_config or reader.meta.get("hf_config"), check_fields=False)
         self.family = family_by_name(self.cfg.family)
         self.layout = reader.layout
         self._metas = reader.tensors()

@@ -1,0 +1,338 @@
+"""Which fields of Megatron-LM's ``args`` the Megatron readers act on, as data.
+
+Every field of Megatron-LM's argument parser (the list is generated from
+``megatron/training/arguments.py`` by ``fixtures/megatron_args/generate.py``; a test walks it) is
+in exactly one table:
+
+* ``MAPPED``: read by ``formats.megatron_args`` into the model config (or the parallel layout);
+  the reader either represents the value or refuses it itself.
+* ``REFUSED_UNLESS``: changes the function the checkpoint computes, and no reader maps it yet;
+  a checkpoint whose args hold any value other than the listed ones is refused (exit 2, naming
+  the field). Mapping a field = moving it from here to ``MAPPED`` in the same change that
+  teaches ``megatron_args`` to read it.
+* ``NEUTRAL``: cannot change the function of the weights (training, optimizer, parallelism
+  and performance knobs, I/O, logging, tokenizer files, numerics of execution such as fp8 or
+  fused kernels).
+
+A field absent from a checkpoint's args is not checked (older Megatron-LM versions, hand-built
+args); a field present but in none of the tables (a newer Megatron-LM) is not checked either —
+regenerate the list and classify it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsupportedFamily
+
+
+def _names(text: str) -> frozenset[str]:
+    """Whitespace-separated names; ``#`` starts a comment (the parser group they come from)."""
+    return frozenset(w for line in text.splitlines() for w in line.partition("#")[0].split())
+
+
+MAPPED = _names("""
+    add_bias_linear add_qkv_bias decoder_first_pipeline_num_layers decoder_last_pipeline_num_layers
+    ffn_hidden_size group_query_attention hidden_size kv_channels layernorm_epsilon
+    max_position_embeddings norm_epsilon normalization num_attention_heads num_layers
+    num_layers_per_virtual_pipeline_stage num_query_groups num_virtual_stages_per_pipeline_rank
+    padded_vocab_size pipeline_model_parallel_size rope_scaling_factor rotary_base swiglu
+    tensor_model_parallel_size transformer_impl untie_embeddings_and_output_weights use_rope_scaling
+    virtual_pipeline_model_parallel_size vocab_size
+""")
+
+# field -> the values the readers' assumptions hold for (Megatron-LM's default unless noted)
+REFUSED_UNLESS: dict[str, tuple] = {
+    'account_for_embedding_in_pipeline_split': (False,),
+    'account_for_loss_in_pipeline_split': (False,),
+    'activation_func_clamp_value': (None,),
+    'apply_layernorm_1p': (False,),
+    'apply_query_key_layer_scaling': (False,),
+    'apply_residual_connection_post_layernorm': (False,),
+    'attention_output_gate': (False,),
+    'decoder_num_layers': (None,),
+    'dsa_indexer_head_dim': (None,),
+    'dsa_indexer_n_heads': (None,),
+    'dsa_indexer_topk': (None,),
+    'encoder_num_layers': (None,),
+    'experimental_attention_variant': (None,),
+    'gated_linear_unit': (False,),
+    'glu_linear_offset': (0.0,),
+    'heterogeneous_layers_config_encoded_json': (None,),
+    'heterogeneous_layers_config_path': (None,),
+    'hybrid_attention_ratio': (0.0,),
+    'hybrid_mlp_ratio': (0.0,),
+    'hybrid_override_pattern': (None,),
+    'is_hybrid_model': (False,),
+    'kv_lora_rank': (32,),
+    'layernorm_zero_centered_gamma': (False,),
+    'linear_attention_freq': (None,),
+    'linear_conv_kernel_dim': (4,),
+    'linear_key_head_dim': (128,),
+    'linear_num_key_heads': (16,),
+    'linear_num_value_heads': (32,),
+    'linear_value_head_dim': (128,),
+    'mamba_head_dim': (64,),
+    'mamba_num_groups': (8,),
+    'mamba_num_heads': (None,),
+    'mamba_state_dim': (128,),
+    'moe_apply_probs_on_input': (False,),
+    'moe_expert_capacity_factor': (None,),
+    'moe_ffn_hidden_size': (None,),
+    'moe_input_jitter_eps': (None,),
+    'moe_latent_size': (None,),
+    'moe_layer_freq': (1,),
+    'moe_pad_expert_input_to_capacity': (False,),
+    'moe_router_dtype': (None,),
+    'moe_router_enable_expert_bias': (False,),
+    'moe_router_group_topk': (None,),
+    'moe_router_num_groups': (None,),
+    'moe_router_pre_softmax': (False,),
+    'moe_router_score_function': ('softmax',),
+    'moe_router_topk': (2,),
+    'moe_router_topk_scaling_factor': (None,),
+    'moe_shared_expert_gate': (False,),
+    'moe_shared_expert_intermediate_size': (None,),
+    'moe_token_drop_policy': ('probs',),
+    'mrope_section': (None,),
+    'mscale': (1.0,),
+    'mscale_all_dim': (0.0,),
+    'mtp_num_layers': (None,),
+    'multi_latent_attention': (False,),
+    'no_rope_freq': (None,),
+    'num_experts': (None,),
+    'num_experts_per_tok': (None,),
+    'openai_gelu': (False,),
+    'pipeline_model_parallel_layout': (None,),
+    'position_embedding_type': ('rope',),
+    'q_lora_rank': (None,),
+    'qk_head_dim': (128,),
+    'qk_l2_norm': (False,),
+    'qk_layernorm': (False,),
+    'qk_pos_emb_head_dim': (64,),
+    'quick_geglu': (False,),
+    'rope_type': (None, 'rope'),
+    'rotary_interleaved': (False,),
+    'rotary_percent': (1.0,),
+    'rotary_scaling_factor': (1.0,),
+    'rotary_seq_len_interpolation_factor': (None,),
+    'softmax_type': ('vanilla',),
+    'spec': (None,),
+    'squared_relu': (False,),
+    'use_fused_weighted_squared_relu': (False,),
+    'use_legacy_models': (False,),
+    'v_head_dim': (128,),
+    'window_attn_skip_freq': (None,),
+    'window_size': (None,),
+}
+
+NEUTRAL = _names("""
+    # In-process restart
+    inprocess_active_world_size inprocess_barrier_timeout inprocess_completion_timeout
+    inprocess_empty_cuda_cache inprocess_granularity inprocess_hard_timeout inprocess_heartbeat_interval
+    inprocess_heartbeat_timeout inprocess_last_call_wait inprocess_max_iterations
+    inprocess_monitor_process_interval inprocess_monitor_thread_interval
+    inprocess_progress_watchdog_interval inprocess_restart inprocess_soft_timeout
+    inprocess_termination_grace_time
+    # RNG and initialization
+    data_parallel_random_init inference_rng_tracker init_method_xavier_uniform seed te_rng_tracker
+    # Transformer-Engine
+    fp8_param_gather te_precision_config_file
+    # autoresume
+    adlr_autoresume adlr_autoresume_interval
+    # biencoder
+    bert_load biencoder_projection_dim biencoder_shared_query_context_model block_data_path
+    embedding_path evidence_data_path ict_head_size ict_load indexer_batch_size indexer_log_interval
+    query_in_block_prob retriever_report_topk_accuracies retriever_score_scaling titles_data_path
+    use_one_sent_docs
+    # checkpointing
+    async_save auto_detect_ckpt_format ckpt_assume_constant_structure ckpt_convert_format
+    ckpt_convert_save ckpt_convert_update_legacy_dist_opt_format ckpt_format ckpt_fully_parallel_load
+    ckpt_fully_parallel_save ckpt_fully_parallel_save_deprecated ckpt_step dist_ckpt_format_deprecated
+    dist_ckpt_optim_fully_reshardable dist_ckpt_save_pre_mcore_014 dist_ckpt_strictness
+    distrib_optim_fully_reshardable_mem_efficient exit_on_missing_checkpoint finetune load
+    load_main_params_from_ckpt no_load_optim no_load_rng no_save_optim no_save_rng
+    non_persistent_ckpt_type non_persistent_global_ckpt_dir non_persistent_local_ckpt_algo
+    non_persistent_local_ckpt_dir non_persistent_save_interval pretrained_checkpoint replication
+    replication_factor replication_jump save save_dgrads_interval save_interval save_retain_interval
+    save_wgrads_interval strict_fsdp_dtensor_load use_checkpoint_args use_dist_ckpt_deprecated
+    use_mp_args_from_checkpoint_args use_persistent_ckpt_worker use_tokenizer_model_from_checkpoint_args
+    # data and dataloader
+    allow_ambiguous_pad_tokens create_attention_mask_in_dataloader data_args_path data_cache_path
+    data_path dataloader_defer_npy_index_mmap dataloader_fast_cache_load decoder_seq_length
+    encoder_seq_length eod_mask_loss fim_data fim_eod_token fim_fragment_rate fim_middle_token
+    fim_no_prefix fim_pad_token fim_prefix_token fim_rate fim_split_sample fim_spm_rate fim_suffix_token
+    mask_prob mid_level_dataset_surplus mmap_bin_files mock_data num_dataset_builder_threads num_workers
+    object_storage_cache_path per_dataset_sequences_path per_split_data_args_path
+    phase_transition_iterations reset_attention_mask reset_position_ids sample_rate seq_length
+    short_seq_prob split test_data_path train_data_path valid_data_path
+    # distributed
+    align_grad_reduce align_param_gather cp_comm_type create_all_gather_group
+    data_parallel_sharding_strategy ddp_average_in_collective ddp_bucket_size ddp_num_buckets
+    ddp_pad_buckets_for_high_nccl_busbw ddp_reduce_scatter_with_fp32_accumulation
+    disable_symmetric_registration distributed_backend distributed_timeout_minutes
+    distributed_timeout_seconds_after_init enable_full_sharding_in_hsdp fake_process_group
+    fsdp_double_buffer fsdp_manual_registration gradient_reduce_div_fusion keep_fp8_transpose_cache
+    lazy_mpu_init local_rank model_parallel_size nccl_communicator_config_path nccl_ub
+    num_distributed_optimizer_instances outer_dp_sharding_strategy overlap_grad_reduce overlap_p2p_comm
+    overlap_param_gather overlap_param_gather_with_optimizer_step scatter_gather_tensors_in_pipeline
+    sharp_enabled_group suggested_communication_unit_size torch_fsdp2_reshard_after_forward
+    use_distributed_optimizer use_megatron_fsdp use_sharp use_torch_fsdp2 use_tp_pp_dp_mapping
+    # experimental
+    enable_experimental exp_avg_dtype exp_avg_sq_dtype main_grads_dtype main_params_dtype
+    use_precision_aware_optimizer yaml_cfg
+    # ft_package
+    calc_ft_timeouts enable_ft_package ft_num_warmup_iters
+    # inference
+    bert_embedder_type cuda_graph_scope decode_only_cuda_graphs disable_chunked_prefill
+    inference_batch_times_seqlen_threshold inference_coordinator_port inference_dynamic_batching
+    inference_dynamic_batching_block_size inference_dynamic_batching_buffer_size_gb
+    inference_dynamic_batching_cuda_graph_max_tokens
+    inference_dynamic_batching_cuda_graph_mixed_prefill_count inference_dynamic_batching_max_requests
+    inference_dynamic_batching_max_tokens inference_dynamic_batching_num_cuda_graphs
+    inference_dynamic_batching_paused_buffer_size_gb
+    inference_dynamic_batching_track_paused_request_events
+    inference_dynamic_batching_unified_memory_level inference_logging_step_interval
+    inference_max_batch_size inference_max_seq_length inference_wandb_logging max_tokens_to_oom
+    nccl_all_reduce_for_prefill output_bert_embeddings use_legacy_static_engine
+    # learning rate and weight decay
+    decoupled_lr decoupled_min_lr end_weight_decay lr lr_decay_iters lr_decay_samples lr_decay_style
+    lr_warmup_fraction lr_warmup_init lr_warmup_iters lr_warmup_samples lr_wsd_decay_iters
+    lr_wsd_decay_samples lr_wsd_decay_style min_lr override_opt_param_scheduler start_weight_decay
+    use_checkpoint_opt_param_scheduler warmup weight_decay_incr_style
+    # logging
+    barrier_with_L1_time log_device_memory_used log_energy log_interval log_loss_scale_to_tensorboard
+    log_max_attention_logit log_memory_interval log_memory_to_tensorboard log_num_zeros_in_grad
+    log_params_norm log_progress log_throughput log_timers_to_tensorboard
+    log_validation_ppl_to_tensorboard log_world_size_to_tensorboard logging_level tensorboard_dir
+    tensorboard_log_interval tensorboard_queue_size timing_log_level timing_log_option wandb_entity
+    wandb_exp_name wandb_project wandb_save_dir
+    # mixed precision
+    accumulate_allreduce_grads_in_fp32 attention_softmax_in_fp32 fp16_lm_cross_entropy
+    grad_reduce_in_bf16 hysteresis initial_loss_scale loss_scale loss_scale_window min_loss_scale
+    reuse_grad_buf_for_mxfp8_param_ag
+    # mla
+    cache_mla_latents
+    # moe
+    moe_aux_loss_coeff moe_pad_experts_for_cuda_graph_inference moe_router_load_balancing_type
+    moe_upcycling_granularity moe_use_upcycling
+    # msc
+    enable_msc
+    # network size
+    add_position_embedding bert_binary_head make_vocab_size_divisible_by onnx_safe
+    relative_attention_max_distance relative_attention_num_buckets use_rotary_position_embeddings
+    # one logger
+    app_tag_run_name app_tag_run_version enable_one_logger one_logger_async one_logger_project
+    one_logger_run_name
+    # profiling
+    memory_snapshot_path profile profile_ranks profile_step_end profile_step_start record_memory_history
+    use_pytorch_profiler
+    # regularization
+    adam_beta1 adam_beta2 adam_eps apply_wd_to_qk_layernorm clip_grad muon_extra_scale_factor
+    muon_fp32_matmul_prec muon_momentum muon_num_ns_steps muon_scale_mode muon_split_qkv muon_tp_mode
+    muon_use_nesterov no_weight_decay_cond_type sgd_momentum weight_decay
+    # rerun engine
+    check_for_spiky_loss error_injection_rate error_injection_type rerun_mode
+    # rl
+    grpo_clamp_eps_lower grpo_clamp_eps_upper grpo_entropy_term_weight
+    grpo_filter_groups_with_same_reward grpo_group_size grpo_iterations grpo_kl_beta
+    grpo_prompts_per_step langrl_env_config langrl_external_server
+    langrl_inference_server_conversation_template langrl_inference_server_type perform_rl_step
+    refit_method rl_default_temperature rl_default_top_k rl_default_top_p
+    rl_importance_sampling_truncation_coef rl_inference_expert_model_parallel_size
+    rl_inference_expert_tensor_model_parallel_size rl_inference_logprobs_is_correction
+    rl_inference_model_unified_memory_level rl_inference_pipeline_model_parallel_size
+    rl_inference_tensor_model_parallel_size rl_offload_inference_model_weights_when_idle
+    rl_offload_kv_cache_during_training rl_offload_optimizer_during_inference
+    rl_parallel_generation_tasks rl_partial_rollouts rl_prompts_per_eval
+    rl_remove_kv_cache_during_training rl_reset_cuda_graphs rl_sequence_packing_algo
+    rl_sequence_packing_max_sequences_per_bin rl_skip_bos_token rl_training_cuda_graphs
+    rl_use_sequence_packing rl_verify_model_weights_swap
+    # sft
+    sft sft_tokenizer_prompt_format
+    # straggler
+    disable_straggler_on_startup log_straggler straggler_ctrlr_port straggler_minmax_count
+    # tokenizer
+    legacy_tokenizer merge_file tiktoken_num_special_tokens tiktoken_pattern tiktoken_special_tokens
+    tokenizer_hf_include_special_tokens tokenizer_hf_use_fast tokenizer_metadata tokenizer_model
+    tokenizer_sentencepiece_legacy tokenizer_special_tokens tokenizer_type trust_remote_code
+    vocab_extra_ids vocab_file
+    # training
+    apply_rope_fusion batch_size bias_dropout_fusion bias_gelu_fusion bias_swiglu_fusion
+    check_for_large_grads check_for_nan_in_loss_and_grad check_weight_hash_across_dp_replicas_interval
+    checkpoint_activations dataloader_type decrease_batch_size_if_needed deprecated_use_mcore_models
+    disable_jit_fuser dump_param_to_param_group_map empty_unused_memory_level enable_gloo_process_groups
+    exit_duration_in_mins exit_interval exit_signal exit_signal_handler
+    exit_signal_handler_for_dataloader global_batch_size gradient_accumulation_fusion
+    high_priority_stream_groups iterations_to_skip manual_gc manual_gc_eval manual_gc_interval
+    masked_softmax_fusion micro_batch_size no_persist_layer_norm optimizer optimizer_cpu_offload
+    optimizer_offload_fraction overlap_cpu_optimizer_d2h_h2d pin_cpu_grads pin_cpu_params
+    rampup_batch_size recompute_activations result_rejected_tracker_filename tp_comm_overlap_cfg
+    train_iters train_samples train_sync_interval use_flash_attn use_torch_optimizer_for_cpu_offload
+    # transformer configuration
+    async_tensor_model_parallel_allreduce attention_backend attention_dropout batch_invariant_mode bf16
+    calculate_per_token_loss clone_scatter_output_in_embedding config_logger_dir context_parallel_size
+    cpu_offloading_num_layers cross_entropy_fusion_impl cross_entropy_loss_fusion cuda_graph_impl
+    cuda_graph_warmup_steps defer_embedding_wgrad_compute delay_wgrad_compute deterministic_mode
+    disable_bf16_reduced_precision_matmul distribute_saved_activations dsa_indexer_loss_coeff
+    dsa_indexer_use_sparse_loss embedding_init_method_std enable_cuda_graph
+    ep_overlap_early_attn_memory_release expert_model_parallel_size expert_tensor_parallel_size
+    external_cuda_graph fine_grained_activation_offloading first_last_layers_bf16 flash_decode fp16
+    fp32_residual_connection fp4 fp4_param fp4_quantizer_factory fp4_recipe fp8 fp8_amax_compute_algo
+    fp8_amax_history_len fp8_interval fp8_margin fp8_quantizer_factory fp8_recipe fp8_wgrad
+    hidden_dropout hierarchical_context_parallel_sizes hybrid_context_parallel
+    inference_fuse_tp_communication init_method_std init_model_with_meta_device
+    kitchen_attention_backend max_seqlen_per_dp_cp_rank microbatch_group_size_per_vp_stage
+    min_offloaded_tensor_size mlp_chunks_for_prefill moe_deepep_num_sms moe_enable_deepep
+    moe_enable_routing_replay moe_extended_tp moe_flex_dispatcher_backend moe_grouped_gemm
+    moe_hybridep_num_sms moe_layer_recompute moe_per_layer_logging moe_permute_fusion
+    moe_router_bias_update_rate moe_router_force_load_balancing moe_router_fusion
+    moe_router_padding_for_fp8 moe_router_padding_for_quantization moe_shared_expert_overlap
+    moe_token_dispatcher_type moe_use_legacy_grouped_gemm moe_z_loss_coeff mtp_loss_scaling_factor
+    mtp_standalone num_layers_at_end_in_bf16 num_layers_at_start_in_bf16 offload_modules
+    overlap_moe_expert_parallel_comm overlap_p2p_comm_warmup_flush perform_initialization
+    pipeline_model_parallel_comm_backend qk_clip qk_clip_alpha qk_clip_threshold recompute_granularity
+    recompute_method recompute_modules recompute_num_layers sequence_parallel symmetric_ar_type
+    tp_comm_bootstrap_backend tp_comm_bulk_dgrad tp_comm_bulk_wgrad tp_comm_overlap tp_comm_overlap_ag
+    tp_comm_overlap_rs tp_comm_overlap_rs_dgrad tp_comm_split_ag tp_comm_split_rs use_cpu_initialization
+    use_kitchen_attention use_mamba_mem_eff_path use_ring_exchange_p2p use_te_activation_func
+    wgrad_deferral_limit
+    # validation
+    eval_interval eval_iters full_validation multiple_validation_sets skip_train test_mode
+    # vision
+    classes_fraction data_per_class_fraction data_sharding dino_bottleneck_size dino_freeze_last_layer
+    dino_head_hidden_size dino_local_crops_number dino_local_img_size dino_norm_last_layer
+    dino_teacher_temp dino_warmup_teacher_temp dino_warmup_teacher_temp_epochs head_lr_mult img_h img_w
+    iter_per_epoch mask_factor mask_type num_channels num_classes patch_dim swin_backbone_type
+    vision_backbone_type vision_pretraining vision_pretraining_type
+    # workload inspector
+    run_workload_inspector_server
+    # derived by validate_args / written with the checkpoint
+    params_dtype iteration consumed_train_samples consumed_valid_samples rank world_size
+    data_parallel_size
+""")
+
+
+def refused_fields(args: Any) -> list[tuple[str, Any, tuple]]:
+    """(field, value, accepted values) for every field of ``args`` that changes the function and
+    holds a value no reader maps."""
+    out = []
+    for name, accepted in REFUSED_UNLESS.items():
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        norm = list(value) if isinstance(value, tuple) else value
+        if not any(norm == a or (a is None and value is None) for a in accepted):
+            out.append((name, value, accepted))
+    return out
+
+
+def check_args_fields(args: Any, path: object = None) -> None:
+    """Refuse a checkpoint whose args change the model's function in a way no reader maps."""
+    bad = refused_fields(args)
+    if bad:
+        name, value, accepted = bad[0]
+        more = f" (and {', '.join(n for n, _, _ in bad[1:])})" if len(bad) > 1 else ""
+        raise UnsupportedFamily(
+            f"Megatron args {name}={value!r}{more} change the model's function, and ckptconv does not map "
+            f"{name} (it supports {' or '.join(map(repr, accepted))})", path=path,
+            fix="convert a model without it, or file an issue to have the field mapped")

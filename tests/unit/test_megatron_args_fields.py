@@ -1,0 +1,111 @@
+"""Issue 18.8: every field of Megatron-LM's own argument parser is mapped, neutral or refused
+unless at its default; refused fields are refused (exit 2 naming the field), mapped ones are read.
+
+The field list is generated from Megatron-LM's megatron/training/arguments.py by
+fixtures/megatron_args/generate.py (see fixtures/README.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from ckptconv.errors import CkptError, UnsupportedFamily
+from ckptconv.formats.detect import detect_format
+from ckptconv.formats.megatron import open_megatron_reader
+from ckptconv.formats.megatron_args import config_from_args
+from ckptconv.formats.megatron_args_fields import MAPPED, NEUTRAL, REFUSED_UNLESS
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+LISTED = json.loads((FIXTURES / "megatron_args" / "megatron_lm_args.json").read_text())
+FIELDS = LISTED["fields"]
+
+
+def test_field_list_is_megatrons_own():
+    assert LISTED["source"].startswith("NVIDIA/Megatron-LM megatron/training/arguments.py")
+    assert LISTED["tag"].startswith("core_v") and len(LISTED["commit"]) == 40
+    # a few fields every Megatron-LM of this generation defines, with its own defaults
+    assert FIELDS["rotary_percent"]["default"] == 1.0 and FIELDS["normalization"]["default"] == "LayerNorm"
+    assert FIELDS["layernorm_epsilon"]["default"] == 1e-5 and "norm_epsilon" not in FIELDS
+    assert len(FIELDS) > 500
+
+
+def test_every_megatron_field_is_mapped_neutral_or_refused():
+    tables = {"mapped": MAPPED, "neutral": NEUTRAL, "refused": set(REFUSED_UNLESS)}
+    unclassified = sorted(f for f in FIELDS if not any(f in t for t in tables.values()))
+    assert not unclassified, f"classify these Megatron-LM args fields in megatron_args_fields.py: {unclassified}"
+    twice = sorted(f for f in FIELDS if sum(f in t for t in tables.values()) > 1)
+    assert not twice, twice
+
+
+@pytest.mark.parametrize("field", sorted(set(REFUSED_UNLESS) & set(FIELDS)))
+def test_refused_default_is_accepted_or_a_supported_value(field):
+    """The accepted values of a refused field include Megatron's default, unless the readers
+    need another value there (a Megatron default ckptconv does not support is refused)."""
+    default = FIELDS[field]["default"]
+    accepted = [list(a) if isinstance(a, tuple) else a for a in REFUSED_UNLESS[field]]
+    assert default in accepted or field in {"position_embedding_type"}, (field, default, accepted)
+
+
+@pytest.fixture(scope="module")
+def real_args():
+    root = FIXTURES / "megatron_torch_tp2pp2"       # written by real megatron-core
+    with open_megatron_reader(root, detect_format(root), "latest") as r:
+        return r.args
+
+
+def _other(v):
+    """A value different from ``v`` of a plausible type."""
+    if isinstance(v, bool):
+        return not v
+    if v is None:
+        return 3
+    if isinstance(v, (int, float)):
+        return v * 2 + 1
+    if isinstance(v, str):
+        return v + "_other"
+    if isinstance(v, (list, tuple)):
+        return [7, 7]
+    return "other"
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_UNLESS))
+def test_refused_field_is_refused_naming_it(real_args, field):
+    args = argparse.Namespace(**vars(real_args))
+    setattr(args, field, _other(REFUSED_UNLESS[field][0]))
+    with pytest.raises(UnsupportedFamily, match=field) as ei:
+        config_from_args(args)
+    assert "Fix:" in str(ei.value)
+    with pytest.raises(UnsupportedFamily, match=field):     # a carried HF config does not hide it
+        config_from_args(args, {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    setattr(args, field, REFUSED_UNLESS[field][0])
+    config_from_args(args)
+
+
+MODEL_FIELDS = sorted(MAPPED - {"tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                                "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
+                                "virtual_pipeline_model_parallel_size", "transformer_impl", "padded_vocab_size",
+                                "group_query_attention", "use_rope_scaling"})
+
+
+@pytest.mark.parametrize("field", MODEL_FIELDS)
+def test_mapped_field_is_read(real_args, field):
+    """Changing a mapped model field changes the config read, or is refused: it is not ignored.
+    (The layout fields are exercised by every reshard test; group_query_attention and
+    use_rope_scaling gate num_query_groups / rope_scaling_factor, perturbed with them.)"""
+    args = argparse.Namespace(**{**vars(real_args), "use_rope_scaling": True, "group_query_attention": True})
+    if field == "rope_scaling_factor":
+        args.rope_scaling_factor = 8.0
+    base = asdict(config_from_args(args))
+    value = getattr(args, field, None)
+    if field == "norm_epsilon":          # older Megatron-LM's name (0.16 names it layernorm_epsilon)
+        vars(args).pop("layernorm_epsilon", None)
+    setattr(args, field, _other(value) if field != "normalization" else "LayerNorm")
+    try:
+        got = asdict(config_from_args(args))
+    except CkptError:
+        return
+    assert got != base, f"args.{field} {value!r} -> {getattr(args, field)!r} left the config unchanged"
