@@ -105,7 +105,24 @@ def core_args(args: Any) -> argparse.Namespace:
     ns.swiglu = bool(getattr(args, "swiglu", False))
     ns.use_rope_scaling = False
     ns.vocab_size = getattr(args, "vocab_size", None)
+    ns.position_embedding_type = _FORK_POSITIONS.get(_enum_value(getattr(args, "position_embedding_type", None)),
+                                                     "rope" if getattr(args, "position_embedding_type", None) is None
+                                                     else "unknown")
     return ns
+
+
+# megatron.model.enums.PositionEmbeddingType of the fork: rotary = 1, absolute = 2, alibi = 3
+_FORK_POSITIONS = {1: "rope", 2: "learned_absolute", 3: "alibi", "rotary": "rope", "absolute": "learned_absolute",
+                   "alibi": "alibi", "rope": "rope"}
+
+
+def _enum_value(v: Any) -> Any:
+    """The value of an enum member as the safe unpickler leaves it (a Placeholder holding the
+    constructor argument), or a plain value."""
+    args = getattr(v, "args", None)
+    if isinstance(args, tuple) and len(args) == 1:
+        return args[0]
+    return getattr(v, "value", v)
 
 
 def check_rotary(args: Any) -> None:
