@@ -54,8 +54,22 @@ def inspect_megatron(path: Path, iteration: str = "latest", fmt: str = "megatron
             "carries_hf_config": bool(r.meta.get("hf_config")),
             "other_state": sorted(k for k in r.common if k not in ("args", "ckptconv") and not k.startswith("model")),
             "extra_state_entries": len(r.extra_state),
+            **({"experts": expert_summary(r)} if lay.num_experts else {}),
             **tensor_summary(r.tensors()),
         }
+
+
+def expert_summary(r) -> dict:
+    """Mixture-of-Experts facts of a Megatron checkpoint: from args, and the layers found holding experts."""
+    a, lay = r.args, r.layout
+    layers = sorted({int(n.split(".")[2]) for n in r.tensors() if ".mlp.router." in n})
+    return {"num_experts": lay.num_experts, "router_topk": getattr(a, "moe_router_topk", None),
+            "router_pre_softmax": getattr(a, "moe_router_pre_softmax", None),
+            "moe_ffn_hidden_size": getattr(a, "moe_ffn_hidden_size", None),
+            "shared_expert_size": getattr(a, "moe_shared_expert_intermediate_size", None),
+            "shared_expert_gate": getattr(a, "moe_shared_expert_gate", None),
+            "ep": lay.ep, "etp": lay.etp, "experts_per_ep_rank": lay.num_experts // lay.ep,
+            "expert_layout": getattr(r, "expert_form", None) or "global expert axis", "moe_layers": layers}
 
 
 # format name -> inspector(path, iteration) -> dict; a new format adds one entry
@@ -79,6 +93,12 @@ def inspect_text(info: dict, show_tensors: bool = False) -> str:
                      f"layers/stage {info['layers_per_stage']}  impl={info['transformer_impl']}")
         lines.append(f"  vocab {info['vocab_size']} padded {info['padded_vocab_size']}; "
                      f"other state: {', '.join(info['other_state']) or 'none'}")
+        if "experts" in info:
+            e = info["experts"]
+            lines.append(f"  experts: E={e['num_experts']} top-{e['router_topk']} ffn {e['moe_ffn_hidden_size']} "
+                         f"shared={e['shared_expert_size'] or 'none'}{' (gated)' if e['shared_expert_gate'] else ''}  "
+                         f"EP={e['ep']} ETP={e['etp']} ({e['experts_per_ep_rank']} per EP rank, "
+                         f"{e['expert_layout']})  MoE layers {len(e['moe_layers'])}/{sum(info['layers_per_stage'])}")
     lines.append(f"  {info['num_tensors']} tensors, {info['num_parameters']:,} parameters, "
                  f"{info['bytes']:,} bytes, dtypes {info['dtypes']}")
     if show_tensors:

@@ -87,7 +87,8 @@ def human_bytes(n: int) -> str:
 
 def plan_text(s: dict) -> str:
     lines = [
-        f"{s['direction']}: {s['family']}  TP={s['tp']} PP={s['pp']} VPP={s['vpp']}  layers/stage {s['layers_per_stage']}",
+        f"{s['direction']}: {s['family']}  TP={s['tp']} PP={s['pp']} VPP={s['vpp']}"
+        + (f" EP={s['ep']} ETP={s['etp']}" if s.get("num_experts") else "") + f"  layers/stage {s['layers_per_stage']}",
         f"  vocab {s['vocab_size']} -> padded {s['padded_vocab_size']}",
         f"  read  {s['tensors_read']} tensors, {human_bytes(s['bytes_read'])}",
         f"  write {s['tensors_written']} tensors, {human_bytes(s['bytes_written'])}",
@@ -95,7 +96,8 @@ def plan_text(s: dict) -> str:
         f"~{human_bytes(s['memory_forecast_bytes'])} of tensor data",
     ]
     for f in s.get("files", []):
-        lines.append(f"  rank tp={f['tp_rank']} pp={f['pp_rank']}: {f['tensors']} tensors, {human_bytes(f['bytes'])}")
+        ep = f" ep={f['ep_rank']}" if "ep_rank" in f else ""
+        lines.append(f"  rank tp={f['tp_rank']} pp={f['pp_rank']}{ep}: {f['tensors']} tensors, {human_bytes(f['bytes'])}")
     lines += [f"  check ok: {c}" for c in s["checks"]]
     if s.get("ignored_source_tensors"):
         lines.append(f"  ignored (tied copies / derived buffers): {', '.join(s['ignored_source_tensors'])}")

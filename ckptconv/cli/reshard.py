@@ -23,6 +23,10 @@ from .common import debug_option, emit, handle_errors, json_option, overwrite_op
                    "are unchanged, else even].")
 @click.option("--decoder-last-pipeline-num-layers", "last_stage_layers", type=int, default=None,
               help="Layers on the last pipeline stage (uneven pipeline).")
+@click.option("--ep", type=int, default=None,
+              help="Target expert-parallel degree of a Mixture-of-Experts model [default: the source's].")
+@click.option("--etp", type=int, default=None,
+              help="Target expert tensor-parallel degree (must divide TP) [default: the source's].")
 @click.option("--transformer-impl", type=click.Choice(IMPLS), default=None,
               help="Key space of the norms in per-rank output [default: the source model's].")
 @click.option("--iteration", default="latest", show_default=True, help="'latest', 'release' or a number.")
@@ -35,17 +39,19 @@ from .common import debug_option, emit, handle_errors, json_option, overwrite_op
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, ckpt_format, tp, pp, vpp, first_stage_layers, last_stage_layers, transformer_impl, iteration,
-            dry_run, overwrite, workers, launcher, as_json):
+def command(src, dst, ckpt_format, tp, pp, vpp, first_stage_layers, last_stage_layers, ep, etp, transformer_impl,
+            iteration, dry_run, overwrite, workers, launcher, as_json):
     """Rewrite a Megatron checkpoint in another format (torch <-> torch_dist) and/or TP/PP/VPP."""
     summary = reshard(src, dst, ckpt_format=ckpt_format, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl,
                       first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
-                      iteration=iteration, overwrite=overwrite, dry_run=dry_run, workers=workers,
+                      ep=ep, etp=etp, iteration=iteration, overwrite=overwrite, dry_run=dry_run, workers=workers,
                       launcher=launcher, show_progress=not as_json)
     if launcher == "torchrun" and env_rank()[0] != 0:
         return
+    experts = (f" EP={summary['source_ep']} ETP={summary['source_etp']} ({summary['num_experts']} experts)"
+               if summary.get("num_experts") else "")
     text = (f"{summary['source_format']} TP={summary['source_tp']} PP={summary['source_pp']} "
-            f"VPP={summary['source_vpp']} -> {summary['format']}\n" + plan_text(summary)
+            f"VPP={summary['source_vpp']}{experts} -> {summary['format']}\n" + plan_text(summary)
             + (f"\n  not carried over: {', '.join(summary['dropped_state'])}" if summary["dropped_state"] else "")
             + (f"\n  workers: {summary['workers']}: " + "; ".join(summary["worker_shares"])
                if summary["workers"] > 1 else "")

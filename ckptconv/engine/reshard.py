@@ -48,7 +48,7 @@ class ReshardPlan:
 
 def plan_reshard(reader, *, tp: int | None = None, pp: int | None = None, vpp: int | None = None,
                  impl: str | None = None, first_stage_layers: int | None = None,
-                 last_stage_layers: int | None = None) -> ReshardPlan:
+                 last_stage_layers: int | None = None, ep: int | None = None, etp: int | None = None) -> ReshardPlan:
     """The target layout, args and tensor list, from metadata alone. Uneven first/last pipeline
     stages are kept when PP and VPP stay the same and none are given."""
     src_args, old = reader.args, reader.layout
@@ -58,7 +58,8 @@ def plan_reshard(reader, *, tp: int | None = None, pp: int | None = None, vpp: i
     same = pp == old.pp and vpp == old.vpp
     if first_stage_layers is None and last_stage_layers is None and same:
         first_stage_layers, last_stage_layers = old.first_stage_layers, old.last_stage_layers
-    layout = MegatronLayout(tp or old.tp, pp, old.num_layers, vpp, first_stage_layers, last_stage_layers)
+    layout = MegatronLayout(tp or old.tp, pp, old.num_layers, vpp, first_stage_layers, last_stage_layers,
+                            old.num_experts, ep or old.ep, etp or old.etp)
     metas = reader.tensors()
     tied = not getattr(src_args, "untie_embeddings_and_output_weights", TIED_COPY in metas)
     ignored = [TIED_COPY] if tied and TIED_COPY in metas else []
@@ -83,6 +84,8 @@ def plan_reshard(reader, *, tp: int | None = None, pp: int | None = None, vpp: i
     args.decoder_first_pipeline_num_layers = layout.first_stage_layers
     args.decoder_last_pipeline_num_layers = layout.last_stage_layers
     args.padded_vocab_size = new_padded
+    if layout.num_experts:
+        args.expert_model_parallel_size, args.expert_tensor_parallel_size = layout.ep, layout.etp
     if impl is None:
         impl = reader.impl if reader.format == "megatron_torch" else getattr(src_args, "transformer_impl", reader.impl)
     if impl not in IMPLS:
@@ -122,7 +125,7 @@ def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) 
         "direction": "reshard", "source": str(src), "destination": str(dst),
         "source_format": reader.format, "format": f"megatron_{ckpt_format}", "family": family,
         "source_tp": reader.layout.tp, "source_pp": reader.layout.pp, "source_vpp": reader.layout.vpp,
-        "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "layers_per_stage": lay.stage_layer_counts(),
+        "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, **_expert_summary(reader.layout, lay), "layers_per_stage": lay.stage_layer_counts(),
         "vocab_size": getattr(reader.args, "vocab_size", None), "source_padded_vocab_size": plan.padded_vocab[0],
         "padded_vocab_size": plan.padded_vocab[1], "transformer_impl": plan.impl, "iteration": plan.iteration,
         "tensors_read": len(plan.metas), "bytes_read": src_bytes,
@@ -141,7 +144,7 @@ def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) 
 def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist", tp: int | None = None,
             pp: int | None = None, vpp: int | None = None, impl: str | None = None,
             first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-            iteration: str | int = "latest", overwrite: bool = False, dry_run: bool = False,
+            ep: int | None = None, etp: int | None = None, iteration: str | int = "latest", overwrite: bool = False, dry_run: bool = False,
             workers: int = 1, launcher: str = "local", show_progress: bool = True) -> dict:
     """Rewrite a Megatron checkpoint (any reader format) in ``ckpt_format`` at TP/PP/VPP (default:
     the source's), optionally with uneven first/last pipeline stages. ``workers`` > 1 writes the
@@ -155,7 +158,7 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
     if launcher == "torchrun":
         workers = env_rank()[1]
     kw = dict(tp=tp, pp=pp, vpp=vpp, impl=impl, first_stage_layers=first_stage_layers,
-              last_stage_layers=last_stage_layers)
+              last_stage_layers=last_stage_layers, ep=ep, etp=etp)
     with open_megatron_reader(src, detect_format(src), iteration) as reader:
         plan = plan_reshard(reader, **kw)
         summary = _summary(reader, plan, src, dst, ckpt_format)
@@ -176,11 +179,18 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
     return summary
 
 
+def _expert_summary(old: MegatronLayout, new: MegatronLayout) -> dict:
+    if not new.num_experts:
+        return {}
+    return {"num_experts": new.num_experts, "source_ep": old.ep, "source_etp": old.etp, "ep": new.ep, "etp": new.etp}
+
+
 def _share_text(plan: ReshardPlan, ckpt_format: str, workers: int) -> list[str]:
     out = []
     for part in shares(plan, ckpt_format, workers):
         if ckpt_format == "torch":
-            out.append(" ".join(f"tp{t}pp{p}" for t, p in sorted(part, key=lambda k: (k[1], k[0]))) or "-")
+            out.append(" ".join(f"tp{t}pp{p}" + (f"ep{e}" if plan.layout.ep > 1 else "")
+                                for t, p, e in sorted(part, key=lambda k: (k[1], k[2], k[0]))) or "-")
         else:
             out.append(f"{len(part)} tensors, {sum(m.nbytes for m in plan.metas if m.name in part)} bytes")
     return out

@@ -28,7 +28,7 @@ from .. import errors
 from ..errors import CkptError, LayoutError
 from ..formats.detect import detect_format
 from ..formats.megatron import megatron_writer, open_megatron_reader
-from ..plan.megatron_layout import local_shape, tp_kind
+from ..plan.megatron_layout import tp_kind
 from .megatron_as_hf import HF_ASSETS_DIR
 from .memory import release_freed_memory
 from .progress import progress
@@ -57,28 +57,28 @@ def partition(sizes: dict, workers: int) -> list[list]:
     return [sorted(ks, key=list(sizes).index) for ks in out]
 
 
-def file_sizes(plan) -> dict[tuple[int, int], int]:
-    """Bytes of every output rank file ``(tp_rank, pp_rank)`` of a torch-format plan."""
+def file_sizes(plan) -> dict[tuple[int, int, int], int]:
+    """Bytes of every output rank file ``(tp_rank, pp_rank, ep_rank)`` of a torch-format plan."""
     lay = plan.layout
     gated = bool(getattr(plan.args, "swiglu", True))
-    sizes = {(t, p): 0 for p in range(lay.pp) for t in range(lay.tp)}
+    sizes = {k: 0 for k in lay.rank_files()}
     for m in plan.metas:
         kind = tp_kind(m.name, gated)
-        n = m.dtype.itemsize * int(torch.Size(local_shape(kind, m.shape, lay.tp)).numel())
-        stages = {lay.locate(m.name).pp_rank}
+        n = m.dtype.itemsize * int(torch.Size(lay.local_shape(m.name, kind, m.shape)).numel())
+        locs = [lay.locate(m.name)]
         if plan.tied and m.name == "embedding.word_embeddings.weight" and lay.pp > 1:
-            stages.add(lay.pp - 1)
-        for p in stages:
-            for t in range(lay.tp):
-                sizes[(t, p)] += n
+            locs.append(lay.locate("output_layer.weight"))
+        for loc in locs:
+            for k in lay.holders(loc):
+                sizes[k] += n
     return sizes
 
 
-def torch_shares(plan, workers: int) -> list[set[tuple[int, int]]]:
+def torch_shares(plan, workers: int) -> list[set[tuple[int, int, int]]]:
     sizes = file_sizes(plan)
     pp = plan.layout.pp
     if workers <= pp:
-        stages = {p: sum(v for (t, q), v in sizes.items() if q == p) for p in range(pp)}
+        stages = {p: sum(v for k, v in sizes.items() if k[1] == p) for p in range(pp)}
         return [{k for k in sizes if k[1] in ps} for ps in partition(stages, workers)]
     return [set(ks) for ks in partition(sizes, workers)]
 

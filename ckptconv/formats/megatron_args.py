@@ -62,6 +62,9 @@ def layout_from_args(args: Any) -> MegatronLayout:
         vpp=int(vpp) if vpp and int(vpp) > 1 else None,
         first_stage_layers=getattr(args, "decoder_first_pipeline_num_layers", None),
         last_stage_layers=getattr(args, "decoder_last_pipeline_num_layers", None),
+        num_experts=int(args.num_experts) if getattr(args, "num_experts", None) else None,
+        ep=int(getattr(args, "expert_model_parallel_size", 1) or 1),
+        etp=int(getattr(args, "expert_tensor_parallel_size", 1) or 1),
     )
 
 
@@ -74,6 +77,10 @@ def config_from_args(args: Any, hf_config: dict | None = None, *, check_fields: 
         check_args_fields(args)
     if hf_config:
         return family_for_hf(hf_config).from_hf_config(hf_config)
+    if getattr(args, "num_experts", None):
+        raise UnsupportedFamily(f"this Megatron model is a Mixture-of-Experts (num_experts={args.num_experts}) and "
+                                "no MoE family is known yet", fix="reshard and inspect work on it; HF export and verify of MoE "
+                                "checkpoints needs the Mixtral / Qwen-MoE families")
     if getattr(args, "add_bias_linear", False) or not getattr(args, "swiglu", False) \
             or getattr(args, "normalization", "RMSNorm") != "RMSNorm":
         raise UnsupportedFamily("this Megatron model is not Llama-like (bias on linears, no SwiGLU or "

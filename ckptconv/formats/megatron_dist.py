@@ -24,13 +24,14 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from ..errors import CorruptCheckpoint, LayoutError, MissingTensors, UnknownFormat
-from ..plan.megatron_layout import MegatronLayout
+from ..plan.experts import EXPERT_RE
+from ..plan.megatron_layout import LAYER_RE, MegatronLayout
 from ..types import TensorMeta
 from .dcp_slices import DcpStore
 from .megatron_args import layout_from_args
 from .megatron_dist_detect import METADATA_JSON, dist_backend  # noqa: F401 (METADATA_JSON re-exported)
 from .megatron_names import to_canonical
-from .megatron_torch import resolve_iteration_dir
+from .megatron_torch import check_expert_set, resolve_iteration_dir
 from .safe_pickle import TorchFile
 from .closing import ClosesOnExit
 
@@ -38,6 +39,30 @@ COMMON_FILE = "common.pt"
 BACKEND = "torch_dist"
 STACKED = re.compile(r"^decoder\.layers\.(?!\d)(.+)$")
 SHARD = re.compile(r"^(?P<key>[^/]+)/shard_(?P<offset>[\d.]+)_(?P<shape>[\d.]+)$")
+# experts: `mlp.experts.experts.<param>` with a global expert axis after the layer axis, or one key
+# per expert (`mlp.experts.experts.{g}.<param>`, singleton_local_shards=True)
+EXPERTS = re.compile(r"^mlp\.experts\.experts\.(?:(?P<g>\d+)\.)?(?P<rest>.+)$")
+
+
+def _logical(stacked: str, layer: int, expert: int | None = None) -> str:
+    """The logical per-layer (per-expert) name of a stacked key's entry."""
+    m = EXPERTS.match(stacked)
+    if m is None:
+        return f"decoder.layers.{layer}.{stacked}"
+    g = int(m.group("g")) if m.group("g") is not None else expert
+    return f"decoder.layers.{layer}.mlp.experts.local_experts.{g}.{m.group('rest')}"
+
+
+def stacked_key(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """Inverse of ``_logical``: a logical per-layer name -> (stored key, leading index: (layer,) or
+    (layer, global expert)); None for tensors outside the decoder layers."""
+    m = LAYER_RE.match(name)
+    if m is None:
+        return None
+    e = EXPERT_RE.match(name)
+    if e:
+        return f"decoder.layers.mlp.experts.experts{e.group('tail')}", (int(m.group(1)), int(e.group("e")))
+    return f"decoder.layers.{m.group(2)}", (int(m.group(1)),)
 # top-level groups of Megatron-LM training state; never model weights
 TRAINING_STATE = ("optimizer", "rng_state", "opt_param_scheduler", "rerun_state_machine")
 
@@ -94,15 +119,19 @@ class MegatronDistReader(ClosesOnExit):
         if self._num_layers is not None and self._num_layers != self.layout.num_layers:
             raise LayoutError(f"stacked layer tensors hold {self._num_layers} layers, args.num_layers is "
                               f"{self.layout.num_layers}", path=self.iter_dir, fix="the checkpoint is inconsistent")
+        self._check_experts()
         # common.pt plus one entry per group of sharded training state it does not already hold
         self.common: dict[str, Any] = dict(common)
         for group, keys in self.sharded_state.items():
             self.common.setdefault(group, argparse.Namespace(sharded_keys=keys))
 
     def _catalog(self) -> None:
-        self._where: dict[str, tuple[str, int | None]] = {}   # logical name -> (stored key, layer)
+        self._where: dict[str, tuple[str, tuple[int, ...]]] = {}   # logical name -> (stored key, leading index)
+        self._expert_axes: dict[str, int] = {}                     # stored key -> size of its expert axis
+        self._expert_forms: dict[str, str] = {}                    # "axis" | "per_expert" -> a stored key
         self._metas: dict[str, TensorMeta] = {}
         self.extra_state: list[str] = []
+        self._extra_keys: dict[str, str] = {}      # logical `_extra_state` name -> stored key
         self.sharded_state: dict[str, list[str]] = {}
         self._num_layers: int | None = None
         for key, md in sorted(self._store.tensor_metadata().items()):
@@ -113,33 +142,62 @@ class MegatronDistReader(ClosesOnExit):
             shape, dtype = tuple(md.size), md.properties.dtype
             m = STACKED.match(key)
             if m is None:
-                self._add(to_canonical(key), key, None, shape, dtype)
+                self._add(to_canonical(key), key, (), shape, dtype)
                 continue
-            if not shape:
+            e = EXPERTS.match(m.group(1))
+            lead = 2 if e and e.group("g") is None else 1       # layer axis (+ global expert axis)
+            if len(shape) < lead:
                 raise CorruptCheckpoint("stacked layer tensor has no layer axis", path=self.iter_dir, tensor=key,
                                         fix="the checkpoint is corrupt")
             if self._num_layers not in (None, shape[0]):
                 raise LayoutError(f"stacked tensors disagree on the number of layers ({self._num_layers} vs "
                                   f"{shape[0]})", path=self.iter_dir, tensor=key, fix="the checkpoint is corrupt")
             self._num_layers = shape[0]
+            if e:
+                self._expert_forms.setdefault("axis" if lead == 2 else "per_expert", key)
+            if lead == 2:
+                self._expert_axes[key] = shape[1]
+                for i in range(shape[0]):
+                    for g in range(shape[1]):
+                        self._add(_logical(m.group(1), i, g), key, (i, g), shape[2:], dtype)
+                continue
             for i in range(shape[0]):
-                self._add(to_canonical(f"decoder.layers.{i}.{m.group(1)}"), key, i, shape[1:], dtype)
+                self._add(to_canonical(_logical(m.group(1), i)), key, (i,), shape[1:], dtype)
         for key in sorted(self._store.bytes_keys()):
             group = re.split(r"[./]", key, maxsplit=1)[0]
             m = SHARD.match(key)
             if group not in TRAINING_STATE and m and m.group("key").endswith("._extra_state"):
                 base, offset = m.group("key"), m.group("offset").split(".")
                 s = STACKED.match(base)
-                self.extra_state.append(f"decoder.layers.{offset[0]}.{s.group(1)}" if s else base)
+                name = _logical(s.group(1), int(offset[0]), int(offset[1]) if len(offset) > 1 else None) if s else base
+                self.extra_state.append(name)
+                self._extra_keys.setdefault(name, key)
             else:
                 self.sharded_state.setdefault(group, []).append(key)
 
-    def _add(self, name: str, key: str, layer: int | None, shape: tuple, dtype: torch.dtype) -> None:
+    def _add(self, name: str, key: str, lead: tuple[int, ...], shape: tuple, dtype: torch.dtype) -> None:
         if name in self._metas:
             raise LayoutError("tensor appears twice", path=self.iter_dir, tensor=name,
                               fix="the checkpoint is corrupt")
-        self._where[name] = (key, layer)
+        self._where[name] = (key, lead)
         self._metas[name] = TensorMeta(name, tuple(shape), dtype)
+
+    def _check_experts(self) -> None:
+        """Expert keys agree with args.num_experts, in one layout, with every expert present."""
+        lay = self.layout
+        if len(self._expert_forms) > 1:
+            raise LayoutError("mixed expert layouts: keys with a global expert axis next to per-expert keys",
+                              path=self.iter_dir, tensor=self._expert_forms["per_expert"],
+                              fix="do not mix checkpoints saved with different singleton_local_shards settings")
+        if self._expert_forms and not lay.num_experts:
+            raise LayoutError("expert tensors in a checkpoint whose args have no num_experts", path=self.iter_dir,
+                              tensor=next(iter(self._expert_forms.values())),
+                              fix="the checkpoint's args are inconsistent: set num_experts")
+        for key, n in self._expert_axes.items():
+            if n != lay.num_experts:
+                raise LayoutError(f"the expert axis holds {n} experts, args.num_experts is {lay.num_experts}",
+                                  path=self.iter_dir, tensor=key, fix="the checkpoint's args are inconsistent")
+        check_expert_set(lay, self._metas, lambda name: self.iter_dir)
 
     def tensors(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
@@ -156,7 +214,7 @@ class MegatronDistReader(ClosesOnExit):
         if meta is None:
             raise MissingTensors("no such tensor in the checkpoint", path=self.iter_dir, tensor=name,
                                  fix="run `ckptconv inspect --tensors` to list the tensors")
-        key, layer = self._where[name]
+        key, lead = self._where[name]
         sizes = list(meta.shape)
         offsets = [0] * len(sizes)
         if dim is not None:
@@ -164,9 +222,12 @@ class MegatronDistReader(ClosesOnExit):
             if not 0 <= start <= stop <= sizes[dim]:
                 raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
             offsets[dim], sizes[dim] = start, stop - start
-        if layer is None:
+        if not lead:
             return self._store.read(key, offsets, sizes, out=out)
-        return self._store.read(key, [layer, *offsets], [1, *sizes], out=None if out is None else out.unsqueeze(0))[0]
+        ones = [1] * len(lead)
+        got = self._store.read(key, [*lead, *offsets], [*ones, *sizes],
+                               out=None if out is None else out.view(*ones, *out.shape))
+        return got.view(got.shape[len(lead):])
 
     def view_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor | None:
         """``read_slice`` as a zero-copy view of the file when the slice is one contiguous run of
@@ -174,23 +235,20 @@ class MegatronDistReader(ClosesOnExit):
         meta = self._metas.get(name)
         if meta is None or not meta.shape or not 0 <= start <= stop <= meta.shape[dim]:
             return None
-        key, layer = self._where[name]
+        key, lead = self._where[name]
         offsets, sizes = [0] * len(meta.shape), list(meta.shape)
         offsets[dim], sizes[dim] = start, stop - start
-        if layer is None:
+        if not lead:
             return self._store.view(key, tuple(offsets), tuple(sizes))
-        v = self._store.view(key, (layer, *offsets), (1, *sizes))
-        return None if v is None else v[0]
+        v = self._store.view(key, (*lead, *offsets), (*[1] * len(lead), *sizes))
+        return None if v is None else v.view(v.shape[len(lead):])
 
     def read_extra_state(self, name: str) -> Any:
         """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""
-        m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-        stem = f"decoder.layers.{m.group(2)}" if m else name
-        for key in self._store.bytes_keys():
-            s = SHARD.match(key)
-            if s and s.group("key") == stem and (not m or s.group("offset").split(".")[0] == m.group(1)):
-                obj = self._store.read_object(key)
-                return obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
+        key = self._extra_keys.get(name)
+        if key is not None:
+            obj = self._store.read_object(key)
+            return obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
         raise MissingTensors("no such _extra_state entry", path=self.iter_dir, tensor=name,
                              fix="run `ckptconv inspect` to list the entries")
 

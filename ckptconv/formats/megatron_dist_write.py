@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import threading
 import warnings
@@ -45,10 +46,10 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..errors import LayoutError, MissingTensors
-from ..plan.megatron_layout import LAYER_RE, MegatronLayout
+from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
-from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON
-from .megatron_names import EXTRA_STATE_MODULES
+from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON, stacked_key
+from .megatron_names import extra_state_keys, to_impl
 from .megatron_torch import LATEST, iteration_dir_name
 from .closing import CommitsOnExit
 
@@ -150,12 +151,12 @@ class MegatronDistWriter(CommitsOnExit):
         self._metas = {m.name: m for m in metas}
         self._common = {"args": _dist_args(args), "checkpoint_version": 3.0,
                         "iteration": 0 if iteration == "release" else int(iteration), "ckptconv": extra or {}}
-        items = self._plan(metas, layout.num_layers)
+        items = self._plan(metas, layout)
         self._by_index = {(it.index.fqn, tuple(it.index.offset or ())): name for name, it in items.items()}
-        self._stacked = {name for name, it in items.items() if it.type == WriteItemType.SHARD}
-        extra_items = [WriteItem(MetadataIndex(f"decoder.layers.{mod}._extra_state/shard_{i}_{layout.num_layers}"),
-                                 WriteItemType.BYTE_IO)
-                       for i in range(layout.num_layers) for mod in EXTRA_STATE_MODULES["transformer_engine"]]
+        # leading (layer[, expert]) axes a stacked item has beyond its logical tensor
+        self._stacked = {name: len(it.index.offset) - len(self._metas[name].shape) for name, it in items.items()
+                         if it.type == WriteItemType.SHARD}
+        extra_items = _extra_items(metas, layout)
         self._payload = _none_payload()
         self._written: set[str] = set()
         self._handoff = _Handoff()
@@ -176,29 +177,33 @@ class MegatronDistWriter(CommitsOnExit):
             self._thread.start()
 
     @staticmethod
-    def _plan(metas: list[TensorMeta], num_layers: int) -> dict[str, WriteItem]:
-        """One write item per logical tensor: a chunk of its stacked key, or the whole key."""
+    def _plan(metas: list[TensorMeta], layout: MegatronLayout) -> dict[str, WriteItem]:
+        """One write item per logical tensor: a chunk of its stacked key (at its layer, and for an
+        expert at its global expert), or the whole key."""
         items: dict[str, WriteItem] = {}
-        groups: dict[str, dict[int, TensorMeta]] = {}
+        groups: dict[str, dict[tuple[int, ...], TensorMeta]] = {}
         for m in metas:
-            match = LAYER_RE.match(m.name)
-            if match:
-                groups.setdefault(f"decoder.layers.{match.group(2)}", {})[int(match.group(1))] = m
+            sk = stacked_key(m.name)
+            if sk:
+                groups.setdefault(sk[0], {})[sk[1]] = m
             else:
                 items[m.name] = _item(m.name, (0,) * len(m.shape), m.shape, m.shape, m.dtype, WriteItemType.TENSOR)
-        for fqn, layers in groups.items():
-            first = next(iter(layers.values()))
-            if sorted(layers) != list(range(num_layers)):
-                missing, extra = sorted(set(range(num_layers)) - set(layers)), sorted(set(layers) - set(range(num_layers)))
-                raise LayoutError(f"stacked key needs layers 0..{num_layers - 1}: missing {missing}, beyond {extra}",
-                                  tensor=fqn, fix="every layer must have the same tensors")
-            for i, m in layers.items():
+        for fqn, entries in groups.items():
+            first_index, first = next(iter(entries.items()))
+            lead = (layout.num_layers,) if len(first_index) == 1 else (layout.num_layers, layout.num_experts or 0)
+            want = set(itertools.product(*map(range, lead)))
+            if set(entries) != want:
+                missing, extra = sorted(want - set(entries)), sorted(set(entries) - want)
+                raise LayoutError(f"stacked key needs every (layer{', expert' if len(lead) > 1 else ''}) of "
+                                  f"{lead}: missing {missing[:4]}, beyond {extra[:4]}",
+                                  tensor=fqn, fix="every layer (and expert) must have the same tensors")
+            for index, m in entries.items():
                 if m.shape != first.shape or m.dtype != first.dtype:
-                    raise LayoutError(f"layer {i} is {m.shape} {m.dtype}, layer {next(iter(layers))} is "
+                    raise LayoutError(f"{index} is {m.shape} {m.dtype}, {first_index} is "
                                       f"{first.shape} {first.dtype}", tensor=m.name,
                                       fix="layers of one stacked key must share shape and dtype")
-                items[m.name] = _item(fqn, (i,) + (0,) * len(m.shape), (1, *m.shape), (num_layers, *m.shape),
-                                      m.dtype, WriteItemType.SHARD)
+                items[m.name] = _item(fqn, index + (0,) * len(m.shape), (1,) * len(index) + tuple(m.shape),
+                                      lead + tuple(m.shape), m.dtype, WriteItemType.SHARD)
         order = {m.name: k for k, m in enumerate(metas)}
         return dict(sorted(items.items(), key=lambda kv: order[kv[0]]))     # the engine's writing order
 
@@ -218,7 +223,7 @@ class MegatronDistWriter(CommitsOnExit):
             return io.BytesIO(self._payload)
         name = self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
         t = self._handoff.take(name)
-        return t.unsqueeze(0) if name in self._stacked else t
+        return t.view(*[1] * self._stacked[name], *t.shape) if name in self._stacked else t
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         meta = self._metas.get(name)
@@ -264,4 +269,18 @@ def _dist_args(args: Any) -> Any:
         return args
     out = argparse.Namespace(**vars(args))
     out.ckpt_format, out.use_dist_ckpt = BACKEND, True
+    return out
+
+
+def _extra_items(metas: list[TensorMeta], layout: MegatronLayout) -> list[WriteItem]:
+    """The `_extra_state` BYTES items of every Transformer Engine module of every layer (both TE
+    and local-spec models find theirs): `shard_{layer}_{L}`, per expert `shard_{layer}.{g}_{L}.{E}`."""
+    moe = {n.split(".mlp.")[0] for n in (m.name for m in metas) if ".mlp.router." in n}
+    names = [to_impl(m.name, "transformer_engine", moe_layer=m.name.split(".mlp.")[0] in moe) for m in metas]
+    out = []
+    for name in extra_state_keys(names, "transformer_engine", has_output_layer=False):
+        fqn, index = stacked_key(name)
+        lead = (layout.num_layers, layout.num_experts)[: len(index)]
+        out.append(WriteItem(MetadataIndex(f"{fqn}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, lead))}"),
+                             WriteItemType.BYTE_IO))
     return out

@@ -16,22 +16,43 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CorruptCheckpoint, LayoutError, MissingTensors
+from ..errors import CorruptCheckpoint, LayoutError, MissingTensors, UnsupportedFamily
+from ..plan.experts import missing_experts
 from ..plan.megatron_layout import MegatronLayout, local_shape, tp_kind, tp_pieces
 from ..types import TensorMeta
 from .megatron_args import layout_from_args
-from .megatron_names import extra_state_keys, is_extra_state, to_canonical, to_impl
+from .megatron_names import expert_form, extra_state_keys, is_extra_state, to_canonical, to_impl
 from .safe_pickle import TorchFile
 from .torch_save_stream import StreamingTorchSave, TensorSlot
 from .closing import ClosesOnExit, CommitsOnExit
 
 FILE_NAME = "model_optim_rng.pt"
 LATEST = "latest_checkpointed_iteration.txt"
-RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron-LM's get_checkpoint_name: mp_rank_TT, then _PPP if PP > 1, then _EEE if EP > 1."""
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    return name + (f"_{ep_rank:03d}" if ep > 1 else "")
+
+
+def parse_rank_dir(path: Path, pp: int, ep: int) -> tuple[int, int, int] | None:
+    """(tp_rank, pp_rank, ep_rank) of a rank directory, read with PP and EP from args: the name
+    alone cannot tell `mp_rank_00_001` (EP rank 1 at PP 1) from PP rank 1 (at EP 1)."""
+    m = RANK_DIR.match(path.name)
+    if not m:
+        return None
+    suffixes = [int(x) for x in m.group(2).split("_") if x]
+    want = (pp > 1) + (ep > 1)
+    if len(suffixes) != want:
+        raise LayoutError(f"rank directory {path.name} has {len(suffixes)} rank suffix(es), args say PP={pp} EP={ep} "
+                          f"({rank_dir_name(0, 0, pp, 0, ep)}...)", path=path,
+                          fix="do not mix rank directories of different layouts; check pipeline_model_parallel_size "
+                              "and expert_model_parallel_size in args")
+    p = suffixes.pop(0) if pp > 1 else 0
+    e = suffixes.pop(0) if ep > 1 else 0
+    return int(m.group(1)), p, e
 
 
 def iteration_dir_name(iteration: int | str) -> str:
@@ -72,6 +93,17 @@ def resolve_iteration_dir(root: Path, iteration: str | int = "latest", *,
     return path
 
 
+def check_expert_set(layout: MegatronLayout, names, where: Callable[[str], Path]) -> None:
+    """Every expert of every MoE layer is present (``where(name)``: the file that should hold it)."""
+    if not layout.num_experts:
+        return
+    missing = missing_experts(names, layout.num_experts)
+    if missing:
+        raise MissingTensors(f"{len(missing)} expert tensor(s) of {layout.num_experts} experts are absent",
+                             path=where(missing[0]), tensor=missing[0],
+                             fix="the checkpoint is incomplete: copy the complete rank directories of every EP rank")
+
+
 class MegatronTorchReader(ClosesOnExit):
     """Lazily reads a per-rank checkpoint: only the pickles are parsed at open time."""
 
@@ -80,43 +112,43 @@ class MegatronTorchReader(ClosesOnExit):
     def __init__(self, root: Path, iteration: str | int = "latest"):
         self.root = Path(root)
         self.iter_dir = resolve_iteration_dir(self.root, iteration)
-        grid: dict[tuple[int, int], Path] = {}
-        for d in sorted(self.iter_dir.iterdir()):
-            m = RANK_DIR.match(d.name)
-            if m:
-                grid[(int(m.group(1)), int(m.group(2) or 0))] = d / FILE_NAME
-        self._files: dict[tuple[int, int], TorchFile] = {}
+        self._files: dict[tuple[int, int, int], TorchFile] = {}
         try:
-            self._open(grid)
+            self._open()
         except BaseException:
             self.close()
             raise
 
-    def _open(self, grid: dict[tuple[int, int], Path]) -> None:
-        first = grid.get((0, 0))
+    def _open(self) -> None:
+        dirs = sorted(d for d in self.iter_dir.iterdir() if RANK_DIR.match(d.name))
+        # the first rank's file (mp_rank_00, mp_rank_00_000 or mp_rank_00_000_000) holds the args
+        first = next((d / FILE_NAME for d in dirs if set(d.name[8:]) <= {"0", "_"}), None)
         if first is None or not first.is_file():
-            raise MissingTensors("rank (tp 0, pp 0) is missing", path=self.iter_dir / "mp_rank_00*",
+            raise MissingTensors("rank (tp 0, pp 0, ep 0) is missing", path=self.iter_dir / "mp_rank_00*",
                                  fix="copy the complete checkpoint directory")
-        self._files[(0, 0)] = TorchFile(first)
-        head = self._files[(0, 0)].obj
+        head_file = TorchFile(first)
+        self._files[(0, 0, 0)] = head_file
+        head = head_file.obj
         if "args" not in head:
             raise CorruptCheckpoint("no 'args' in the rank file", path=first,
                                     fix="checkpoints without args are not supported; re-save with Megatron-LM")
         self.args = head["args"]
         self.layout: MegatronLayout = layout_from_args(self.args)
-        self.layout.check()
-        for t in range(self.layout.tp):
-            for p in range(self.layout.pp):
-                path = grid.get((t, p))
-                want = self.iter_dir / rank_dir_name(t, p, self.layout.pp) / FILE_NAME
-                if path is None or not path.is_file():
-                    raise MissingTensors(f"TP={self.layout.tp} PP={self.layout.pp} checkpoint lacks rank (tp {t}, pp {p})",
-                                         path=want, fix="copy the missing mp_rank directory")
-                if (t, p) not in self._files:
-                    self._files[(t, p)] = TorchFile(path)
-        extra = sorted(set(grid) - set(self._files))
+        lay = self.layout
+        lay.check()
+        grid = {parse_rank_dir(d, lay.pp, lay.ep): d / FILE_NAME for d in dirs}
+        what = f"TP={lay.tp} PP={lay.pp}" + (f" EP={lay.ep} ETP={lay.etp}" if lay.num_experts else "")
+        for t, p, e in lay.rank_files():
+            path = grid.get((t, p, e))
+            want = self.iter_dir / rank_dir_name(t, p, lay.pp, e, lay.ep) / FILE_NAME
+            if path is None or not path.is_file():
+                raise MissingTensors(f"{what} checkpoint lacks rank (tp {t}, pp {p}" + (f", ep {e})" if lay.ep > 1 else ")"),
+                                     path=want, fix="copy the missing mp_rank directory")
+            if (t, p, e) not in self._files:
+                self._files[(t, p, e)] = TorchFile(path)
+        extra = sorted(grid[k].parent.name for k in set(grid) - set(self._files))
         if extra:
-            raise LayoutError(f"rank directories {extra} do not fit TP={self.layout.tp} PP={self.layout.pp} from args",
+            raise LayoutError(f"rank directories {extra} do not fit {what} from args",
                               path=self.iter_dir, fix="remove stray mp_rank directories")
         self.iteration = head.get("iteration")
         for key, f in self._files.items():
@@ -134,32 +166,42 @@ class MegatronTorchReader(ClosesOnExit):
         self.impl = "transformer_engine"
         self.extra_state: list[str] = []
         self._pieces: dict[str, dict[int, Any]] = {}
+        self.expert_form: str | None = None       # "sequential" | "grouped" for MoE checkpoints
         keys = model_keys(lay.chunks)
-        for (t, p), f in sorted(self._files.items()):
+        for (t, p, e), f in sorted(self._files.items()):
             for v, key in enumerate(keys):
                 sd = f.obj.get(key)
                 if sd is None:
                     raise MissingTensors(f"no '{key}' state dict", path=f.path,
                                          fix="virtual pipeline settings in args do not match the file")
                 for local, value in sd.items():
-                    if "input_layernorm" in local or "pre_mlp_layernorm" in local:
+                    if "input_layernorm" in local:
                         self.impl = "local"
+                    self._check_expert_form(local, f.path)
+                    canonical = to_canonical(local)
                     if is_extra_state(local) or value is None:
-                        self.extra_state.append(lay.global_name(p, v, local))
+                        name = lay.global_name(p, v, canonical, e)
+                        if name not in self.extra_state:
+                            self.extra_state.append(name)
                         continue
                     if not hasattr(value, "load"):
                         raise CorruptCheckpoint(f"entry is a {type(value).__name__}, not a tensor",
                                                 path=f.path, tensor=local, fix="the file is not a model checkpoint")
-                    name = to_canonical(lay.global_name(p, v, local))
-                    self._pieces.setdefault(name, {})
-                    if t in self._pieces[name]:
-                        raise LayoutError("tensor appears twice", path=f.path, tensor=name)
-                    self._pieces[name][t] = value
+                    name = lay.global_name(p, v, canonical, e)
+                    piece = lay.piece_rank(name, t)
+                    held = self._pieces.setdefault(name, {})
+                    if piece not in held:      # other files of the same piece hold replicas
+                        held[piece] = value
+                    elif tuple(held[piece].shape) != tuple(value.shape) or held[piece].dtype != value.dtype:
+                        raise LayoutError("replicas of one tensor disagree in shape or dtype", path=f.path,
+                                          tensor=name, fix="do not mix rank files from different saves")
         self._metas: dict[str, TensorMeta] = {}
+        check_expert_set(lay, self._pieces, self._file_of)
         for name, pieces in self._pieces.items():
-            if sorted(pieces) != list(range(lay.tp)):
-                raise MissingTensors(f"tensor held by TP ranks {sorted(pieces)} of {lay.tp}", tensor=name,
-                                     path=self.iter_dir, fix="the checkpoint is incomplete")
+            split = lay.split(name)
+            if sorted(pieces) != list(range(split)):
+                raise MissingTensors(f"tensor held by {'ETP' if split != lay.tp else 'TP'} ranks {sorted(pieces)} "
+                                     f"of {split}", tensor=name, path=self.iter_dir, fix="the checkpoint is incomplete")
             kind = self.kind(name)
             shapes = {tuple(x.shape) for x in pieces.values()}
             dtypes = {x.dtype for x in pieces.values()}
@@ -168,9 +210,26 @@ class MegatronTorchReader(ClosesOnExit):
                                   tensor=name, path=self.iter_dir, fix="the checkpoint is corrupt or mixed")
             shape = list(shapes.pop())
             dim = {"column": 0, "vocab": 0, "gated": 0, "row": 1}.get(kind)
-            if dim is not None and lay.tp > 1:
-                shape[dim] *= lay.tp
+            if dim is not None and lay.split(name) > 1:
+                shape[dim] *= lay.split(name)
             self._metas[name] = TensorMeta(name, tuple(shape), dtypes.pop())
+
+    def _file_of(self, name: str) -> Path:
+        loc = self.layout.locate(name)
+        return self.iter_dir / rank_dir_name(0, loc.pp_rank, self.layout.pp, loc.ep_rank or 0, self.layout.ep) / FILE_NAME
+
+    def _check_expert_form(self, local: str, path: Path) -> None:
+        form = expert_form(local)
+        if form is None:
+            return
+        if form == "legacy_grouped":
+            raise UnsupportedFamily("legacy GroupedMLP experts (packed weight1/weight2) are not supported",
+                                    path=path, tensor=local,
+                                    fix="re-save with SequentialMLP or TEGroupedMLP (no --moe-use-legacy-grouped-gemm)")
+        if self.expert_form not in (None, form):
+            raise LayoutError(f"mixed expert layouts: {form} names next to {self.expert_form} ones", path=path,
+                              tensor=local, fix="do not mix rank files saved with and without --moe-grouped-gemm")
+        self.expert_form = form
 
     def kind(self, name: str) -> str:
         return tp_kind(name, gated_mlp=bool(getattr(self.args, "swiglu", True)))
@@ -183,12 +242,13 @@ class MegatronTorchReader(ClosesOnExit):
         meta = self._metas[name]
         pieces = self._pieces[name]
         kind = self.kind(name)
-        if kind == "replicated" or self.layout.tp == 1:
+        split = self.layout.split(name)
+        if kind == "replicated" or split == 1:
             return pieces[0].load()
         out = torch.empty(meta.shape, dtype=meta.dtype)
         for r, lazy in pieces.items():
             local = lazy.load()
-            ranges = tp_pieces(kind, meta.shape, self.layout.tp, r, name)
+            ranges = tp_pieces(kind, meta.shape, split, r, name)
             dim = ranges[0][0]
             parts = torch.split(local, [b - a for _, a, b in ranges], dim=dim)
             for (d, a, b), part in zip(ranges, parts):
@@ -204,10 +264,11 @@ class MegatronTorchReader(ClosesOnExit):
         if not 0 <= start <= stop <= meta.shape[dim]:
             raise IndexError(f"slice {start}:{stop} of dim {dim} out of range for {meta.shape}")
         kind = self.kind(name)
-        ranks = [0] if kind == "replicated" or self.layout.tp == 1 else sorted(self._pieces[name])
+        split = self.layout.split(name)
+        ranks = [0] if kind == "replicated" or split == 1 else sorted(self._pieces[name])
         for r in ranks:
             lazy = self._pieces[name][r]
-            ranges = tp_pieces(kind, meta.shape, self.layout.tp, r, name) if len(ranks) > 1 else [(dim, 0, meta.shape[dim])]
+            ranges = tp_pieces(kind, meta.shape, split, r, name) if len(ranks) > 1 else [(dim, 0, meta.shape[dim])]
             at = 0                     # where this range starts in the rank's local tensor
             for d, a, b in ranges:
                 lo, hi = (max(a, start), min(b, stop)) if d == dim else (a, b)
@@ -260,32 +321,35 @@ class MegatronTorchWriter(CommitsOnExit):
     def __init__(self, out_root: Path, layout: MegatronLayout, metas: list[TensorMeta], *, args: Any,
                  iteration: int | str, impl: str, tie_copy: bool, gated_mlp: bool = True,
                  extra: dict | None = None, files: set[tuple[int, int]] | None = None):
-        # files: write only these (tp_rank, pp_rank) files (one worker's share); None: all
+        # files: write only these (tp_rank, pp_rank, ep_rank) files (one worker's share); None: all
         self.out_root, self.layout, self.impl = Path(out_root), layout, impl
         self.iteration = iteration
         self.gated_mlp = gated_mlp
         it_value = 0 if iteration == "release" else int(iteration)
-        self._routes: dict[str, list[tuple[tuple[int, int], str, str]]] = {}
-        per_file: dict[tuple[int, int], list[dict]] = {
-            (t, p): [dict() for _ in range(layout.chunks)] for t in range(layout.tp) for p in range(layout.pp)
-            if files is None or (t, p) in files}
+        self._routes: dict[str, list[tuple[tuple[int, int, int], str, str]]] = {}
+        per_file: dict[tuple[int, int, int], list[dict]] = {
+            k: [dict() for _ in range(layout.chunks)] for k in layout.rank_files() if files is None or k in files}
+        grouped = bool(getattr(args, "moe_grouped_gemm", False))
+        moe_layers = {n.split(".mlp.")[0] for n in (m.name for m in metas) if ".mlp.router." in n}
         for meta in metas:
             targets = [(layout.locate(meta.name), meta.name)]
             if tie_copy and meta.name == "embedding.word_embeddings.weight" and layout.pp > 1:
                 targets.append((layout.locate("output_layer.weight"), "output_layer.weight"))
             kind = tp_kind(meta.name, gated_mlp)
-            lshape = local_shape(kind, meta.shape, layout.tp)
+            lshape = layout.local_shape(meta.name, kind, meta.shape)
+            moe = meta.name.split(".mlp.")[0] in moe_layers
             for loc, as_name in targets:
-                local = to_impl(loc.local_name if as_name == meta.name else as_name, impl)
-                for t in (t for t in range(layout.tp) if (t, loc.pp_rank) in per_file):
+                local = to_impl(loc.local_name if as_name == meta.name else as_name, impl, moe_layer=moe,
+                                grouped_gemm=grouped)
+                for key in (k for k in layout.holders(loc) if k in per_file):
                     slot = f"{loc.chunk}/{local}"
-                    per_file[(t, loc.pp_rank)][loc.chunk][local] = TensorSlot(slot, lshape, meta.dtype)
-                    self._routes.setdefault(meta.name, []).append(((t, loc.pp_rank), slot, as_name))
+                    per_file[key][loc.chunk][local] = TensorSlot(slot, lshape, meta.dtype)
+                    self._routes.setdefault(meta.name, []).append((key, slot, as_name))
         self._metas = {m.name: m for m in metas}
         self.iter_dir = self.out_root / iteration_dir_name(iteration)
-        self._files: dict[tuple[int, int], StreamingTorchSave] = {}
+        self._files: dict[tuple[int, int, int], StreamingTorchSave] = {}
         keys = model_keys(layout.chunks)
-        for (t, p), chunks in per_file.items():
+        for (t, p, e), chunks in per_file.items():
             models = {}
             for v, tensors in enumerate(chunks):
                 last = p == layout.pp - 1 and v == layout.chunks - 1
@@ -295,9 +359,9 @@ class MegatronTorchWriter(CommitsOnExit):
                 models[keys[v]] = dict(sorted(sd.items(), key=lambda kv: _state_order(kv[0])))
             template = {"args": args, "checkpoint_version": 3.0, "iteration": it_value, **models,
                         "ckptconv": extra or {}}
-            path = self.iter_dir / rank_dir_name(t, p, layout.pp) / FILE_NAME
+            path = self.iter_dir / rank_dir_name(t, p, layout.pp, e, layout.ep) / FILE_NAME
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._files[(t, p)] = StreamingTorchSave(path, template)
+            self._files[(t, p, e)] = StreamingTorchSave(path, template)
 
     def holds(self, name: str) -> bool:
         """Whether any file of this writer takes (part of) ``name``."""
@@ -308,11 +372,11 @@ class MegatronTorchWriter(CommitsOnExit):
         if tuple(tensor.shape) != meta.shape:
             raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
         kind = tp_kind(name, self.gated_mlp)
-        for (t, p), slot, _ in self._routes.get(name, ()):
-            ranges = tp_pieces(kind, meta.shape, self.layout.tp, t, name)
+        for key, slot, _ in self._routes.get(name, ()):
+            ranges = self.layout.pieces(name, kind, meta.shape, key[0])
             parts = [tensor.narrow(d, a, b - a) for d, a, b in ranges]
             local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
-            self._files[(t, p)].write(slot, local.to(meta.dtype).contiguous())
+            self._files[key].write(slot, local.to(meta.dtype).contiguous())
 
     def close(self) -> None:
         for f in self._files.values():

@@ -3,6 +3,7 @@
 * Which Megatron module is split how over TP ranks (a property of Megatron, not of a family).
 * Which pipeline stage / virtual chunk holds which global layer, and its local index.
 * Vocab padding as Megatron-LM computes it.
+* Experts (EP, ETP) as one more axis: see ``plan.experts`` for the arithmetic.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from ..errors import LayoutError
+from . import experts as ex
 
 # How each Megatron logical tensor is split over TP ranks. First match wins.
 #   column: dim 0 contiguous chunks      row: dim 1 contiguous chunks
@@ -27,6 +29,8 @@ TP_PLACEMENT: tuple[tuple[str, str], ...] = (
     (r"linear_fc2\.bias$", "replicated"),
     (r"^embedding\.word_embeddings\.weight$", "vocab"),
     (r"^output_layer\.weight$", "vocab"),
+    (r"\.mlp\.router\.(weight|expert_bias)$", "replicated"),
+    (r"\.shared_experts\.gate_weight$", "replicated"),
 )
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -88,7 +92,8 @@ def pad_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
 class Location:
     pp_rank: int
     chunk: int          # virtual pipeline chunk (model0, model1, ...)
-    local_name: str
+    local_name: str     # local layer number and, for an expert, local expert index
+    ep_rank: int | None = None   # the EP rank holding this expert; None: every EP rank holds it
 
 
 @dataclass(frozen=True)
@@ -99,10 +104,38 @@ class MegatronLayout:
     vpp: int | None = None
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    num_experts: int | None = None     # None: a dense model
+    ep: int = 1                        # expert model parallel
+    etp: int = 1                       # expert tensor parallel (Megatron-LM's default 1)
 
     @property
     def chunks(self) -> int:
         return self.vpp or 1
+
+    def split(self, name: str) -> int:
+        """Over how many ranks the tensor's TP placement splits it: ETP for an expert, else TP."""
+        return self.etp if ex.expert_index(name) is not None else self.tp
+
+    def piece_rank(self, name: str, tp_rank: int) -> int:
+        """Which TP piece of ``name`` the file of dense TP rank ``tp_rank`` holds."""
+        return ex.etp_rank_of(tp_rank, self.etp) if ex.expert_index(name) is not None else tp_rank
+
+    def rank_files(self) -> list[tuple[int, int, int]]:
+        """(tp_rank, pp_rank, ep_rank) of every file of the per-rank format."""
+        return [(t, p, e) for p in range(self.pp) for t, e in ex.rank_grid(self.tp, self.ep, self.etp)]
+
+    def holders(self, loc: "Location") -> list[tuple[int, int, int]]:
+        """The per-rank files (tp_rank, pp_rank, ep_rank) that hold (a TP piece of) a tensor at ``loc``."""
+        return [(t, p, e) for t, p, e in self.rank_files()
+                if p == loc.pp_rank and (loc.ep_rank is None or loc.ep_rank == e)]
+
+    def local_shape(self, name: str, kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one rank's piece of the logical tensor ``name``."""
+        return local_shape(kind, shape, self.split(name))
+
+    def pieces(self, name: str, kind: str, shape: tuple[int, ...], tp_rank: int) -> list[tuple[int, int, int]]:
+        """``tp_pieces`` of ``name`` for the file of dense TP rank ``tp_rank``."""
+        return tp_pieces(kind, shape, self.split(name), self.piece_rank(name, tp_rank), name)
 
     def check(self) -> None:
         if self.tp < 1 or self.pp < 1 or (self.vpp is not None and self.vpp < 1):
@@ -117,6 +150,7 @@ class MegatronLayout:
         if sum(counts) != self.num_layers or min(counts) < 0:
             raise LayoutError(f"{self.num_layers} layers cannot be split as {counts}",
                               fix="choose PP (x VPP) that divides the number of layers")
+        ex.check_experts(self.num_experts, self.ep, self.etp, self.tp)
 
     def stage_layer_counts(self) -> list[int]:
         """Layers per (chunk, stage) in global order: index v * pp + p."""
@@ -155,19 +189,25 @@ class MegatronLayout:
         return self.layer_locations()
 
     def locate(self, name: str) -> Location:
-        """Where the logical tensor ``name`` (global layer numbers) lives."""
+        """Where the logical tensor ``name`` (global layer numbers, global expert index) lives."""
         m = LAYER_RE.match(name)
         if m:
             g = int(m.group(1))
             if g >= len(self._locations):
                 raise LayoutError(f"layer {g} beyond num_layers={self.num_layers}", tensor=name)
             p, v, j = self._locations[g]
-            return Location(p, v, f"decoder.layers.{j}.{m.group(2)}")
+            local, ep_rank = f"decoder.layers.{j}.{m.group(2)}", None
+            e = ex.expert_index(name)
+            if e is not None:
+                ep_rank, k = ex.place_expert(e, self._experts(name), self.ep)
+                local = ex.with_expert(local, k)
+            return Location(p, v, local, ep_rank)
         if name.startswith("embedding."):
             return Location(0, 0, name)
         return Location(self.pp - 1, self.chunks - 1, name)
 
-    def global_name(self, pp_rank: int, chunk: int, local_name: str) -> str:
+    def global_name(self, pp_rank: int, chunk: int, local_name: str, ep_rank: int = 0) -> str:
+        """The logical name of ``local_name`` (local layer, local expert) in a file of EP rank ``ep_rank``."""
         m = LAYER_RE.match(local_name)
         if not m:
             return local_name
@@ -177,4 +217,14 @@ class MegatronLayout:
         if j >= counts[idx]:
             raise LayoutError(f"local layer {j} on stage {pp_rank} chunk {chunk} exceeds its {counts[idx]} layers",
                               tensor=local_name, fix="check the checkpoint's PP/VPP settings in args")
-        return f"decoder.layers.{sum(counts[:idx]) + j}.{m.group(2)}"
+        name = f"decoder.layers.{sum(counts[:idx]) + j}.{m.group(2)}"
+        k = ex.expert_index(name)
+        if k is not None:
+            name = ex.with_expert(name, ex.global_expert(ep_rank, k, self._experts(name), self.ep))
+        return name
+
+    def _experts(self, name: str) -> int:
+        if self.num_experts is None:
+            raise LayoutError("an expert tensor in a model without num_experts", tensor=name,
+                              fix="set num_experts in args (or the HF config) for a Mixture-of-Experts model")
+        return self.num_experts

@@ -14,7 +14,7 @@ from ..errors import LayoutError, MissingTensors
 from ..families.schema import Family, ModelConfig
 from ..ops import OpContext, get_op
 from ..types import TensorMeta, dtype_name
-from .megatron_layout import MegatronLayout, local_shape, tp_kind
+from .megatron_layout import MegatronLayout, tp_kind
 
 # Megatron logical tensors that carry no information for an HF conversion.
 TIED_COPY = "output_layer.weight"
@@ -82,14 +82,16 @@ class Plan:
     def rank_files(self) -> list[dict]:
         """Per output rank file: tensor count and bytes (for --dry-run)."""
         lay = self.layout
-        files: dict[tuple[int, int], dict] = {}
+        files: dict[tuple[int, int, int], dict] = {}
         for it in self.items:
             m = it.megatron
             loc = lay.locate(m.name)
-            lshape = local_shape(tp_kind(m.name), m.shape, lay.tp)
+            lshape = lay.local_shape(m.name, tp_kind(m.name), m.shape)
             nbytes = TensorMeta(m.name, lshape, m.dtype).nbytes
-            for t in range(lay.tp):
-                f = files.setdefault((t, loc.pp_rank), {"tp_rank": t, "pp_rank": loc.pp_rank, "tensors": 0, "bytes": 0})
+            for t, p, e in lay.holders(loc):
+                f = files.setdefault((t, p, e), {"tp_rank": t, "pp_rank": p, "tensors": 0, "bytes": 0})
+                if lay.ep > 1:
+                    f["ep_rank"] = e
                 f["tensors"] += 1
                 f["bytes"] += nbytes
         return [files[k] for k in sorted(files)]

@@ -15,6 +15,8 @@ What each shim is for (observed with megatron-core 0.16.1, torch 2.13 CPU):
 * ``initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)``: official flag;
   replaces ``model_parallel_cuda_manual_seed`` (which needs CUDA RNG state).
 * an explicit bool causal mask: ``mask=None`` makes megatron allocate one on "cuda".
+* ``moe_utils.te_general_gemm = None`` (Mixture-of-Experts only, ``apply_moe_shim``): undefined
+  without Transformer Engine, a NameError in the router's first forward; None takes torch.mm.
 """
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ def apply_cpu_shims() -> None:
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 
 
+def apply_moe_shim() -> None:
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    moe_utils.te_general_gemm = None
+
+
 def init_megatron_parallel(
     rank: int,
     world_size: int,
@@ -41,6 +49,8 @@ def init_megatron_parallel(
     port: int,
     vpp: int | None = None,
     timeout_s: float = 120.0,
+    ep: int = 1,
+    etp: int | None = None,
 ):
     """gloo process group + megatron model-parallel state + CPU-safe RNG tracker."""
     import datetime
@@ -61,6 +71,8 @@ def init_megatron_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     return ps

@@ -39,17 +39,23 @@ def read_dist_args(iter_dir: Path | str):
     return torch.load(Path(iter_dir) / "common.pt", map_location="cpu", weights_only=True)["args"]
 
 
-def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir):
+def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir, ep=1, etp=1):
     err_path = Path(out_dir) / f"error_rank{rank}.txt"
     try:
+        import argparse
+
         import mcore_cpu_shims as shims
 
         shims.apply_cpu_shims()
-        ps = shims.init_megatron_parallel(rank, world, tp, pp, port, vpp=vpp)
+        ps = shims.init_megatron_parallel(rank, world, tp, pp, port, vpp=vpp, ep=ep, etp=etp)
         from megatron.core import dist_checkpointing
 
         tp_rank = ps.get_tensor_model_parallel_rank()
         args = read_dist_args(iter_dir)
+        if getattr(args, "num_experts", None):
+            shims.apply_moe_shim()
+            args = argparse.Namespace(**{**vars(args), "expert_model_parallel_size": ep,
+                                         "expert_tensor_parallel_size": etp})
         torch.manual_seed(1000 + rank)       # a different random init: every weight must come from the load
         chunks = mh._build_chunks(args, mh._transformer_config(args, tp, pp, vpp), vpp)
         keys = ["model"] if vpp is None else [f"model{v}" for v in range(vpp)]
@@ -75,27 +81,28 @@ def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir)
 
 
 def megatron_dist_logits(ckpt_root: Path | str, tokens: torch.Tensor, *, tp: int = 1, pp: int = 1,
-                         vpp: int | None = None, iteration="latest", timeout_s: float = 180.0) -> torch.Tensor:
+                         vpp: int | None = None, iteration="latest", timeout_s: float = 180.0,
+                         ep: int = 1, etp: int = 1) -> torch.Tensor:
     """Logits [batch, seq, vocab] of a torch_dist checkpoint loaded by real megatron-core at
-    (tp, pp, vpp). Raises ``MegatronHarnessError`` with the failing rank's message."""
+    (tp, pp, vpp[, ep, etp]). Raises ``MegatronHarnessError`` with the failing rank's message."""
     iter_dir = dist_iteration_dir(ckpt_root, iteration)
     tokens = torch.as_tensor(tokens)
     mh._configure_forkserver()
     for attempt in range(3):
         try:
-            return _run(tp * pp, tp, pp, vpp, iter_dir, tokens, timeout_s)
+            return _run(mh.world_size(tp, pp, ep, etp), tp, pp, vpp, iter_dir, tokens, timeout_s, ep, etp)
         except mh.MegatronHarnessError as e:
             if attempt == 2 or "address already in use" not in str(e).lower():
                 raise
     raise AssertionError("unreachable")
 
 
-def _run(world, tp, pp, vpp, iter_dir, tokens, timeout_s) -> torch.Tensor:
+def _run(world, tp, pp, vpp, iter_dir, tokens, timeout_s, ep=1, etp=1) -> torch.Tensor:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="mcore_dist_harness_") as out_dir:
         ctx = mp.start_processes(
-            _dist_worker, args=(world, tp, pp, vpp, mh._free_port(), str(iter_dir), tokens.tolist(), out_dir),
+            _dist_worker, args=(world, tp, pp, vpp, mh._free_port(), str(iter_dir), tokens.tolist(), out_dir, ep, etp),
             nprocs=world, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:

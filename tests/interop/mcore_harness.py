@@ -92,15 +92,31 @@ def resolve_iteration_dir(ckpt_root: Path | str, iteration="latest") -> Path:
     return d
 
 
-def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
-    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> Path:
+    """Megatron-LM's get_checkpoint_name: mp_rank_TT, then _PPP if PP > 1, then _EEE if EP > 1."""
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
     return Path(iter_dir) / name / "model_optim_rng.pt"
+
+
+def moe_degrees(args) -> tuple[int, int]:
+    """(EP, ETP) from Megatron-LM args (ETP defaults to 1, as in Megatron-LM)."""
+    if not _arg(args, "num_experts", None):
+        return 1, 1
+    return int(_arg(args, "expert_model_parallel_size", 1)), int(_arg(args, "expert_tensor_parallel_size", 1))
+
+
+def world_size(tp: int, pp: int, ep: int = 1, etp: int = 1) -> int:
+    """The smallest world holding TP x PP dense ranks and ETP x EP expert ranks per stage."""
+    import math
+
+    return pp * math.lcm(tp, ep * etp)
 
 
 def read_megatron_args(ckpt_root: Path | str, iteration="latest") -> argparse.Namespace:
     """args of the rank-0 file (mp_rank_00 or mp_rank_00_000)."""
     d = resolve_iteration_dir(ckpt_root, iteration)
-    for cand in (d / "mp_rank_00" / "model_optim_rng.pt", d / "mp_rank_00_000" / "model_optim_rng.pt"):
+    for cand in (d / "mp_rank_00" / "model_optim_rng.pt", d / "mp_rank_00_000" / "model_optim_rng.pt",
+                 d / "mp_rank_00_000_000" / "model_optim_rng.pt"):
         if cand.is_file():
             return safe_torch_load(cand)["args"]
     raise FileNotFoundError(f"no rank-0 model_optim_rng.pt under {d}")
@@ -164,6 +180,21 @@ def _transformer_config(args, tp: int, pp: int, vpp):
         persist_layer_norm=False,
         sequence_parallel=False,
     )
+    if _arg(args, "num_experts", None):
+        ep, etp = moe_degrees(args)
+        kw.update(
+            num_moe_experts=int(args.num_experts),
+            moe_router_topk=int(_arg(args, "moe_router_topk", 2)),
+            moe_ffn_hidden_size=_arg(args, "moe_ffn_hidden_size", None),
+            moe_router_pre_softmax=bool(_arg(args, "moe_router_pre_softmax", False)),
+            moe_shared_expert_intermediate_size=_arg(args, "moe_shared_expert_intermediate_size", None),
+            moe_shared_expert_gate=bool(_arg(args, "moe_shared_expert_gate", False)),
+            moe_grouped_gemm=bool(_arg(args, "moe_grouped_gemm", False)),
+            moe_token_dispatcher_type="allgather",
+            moe_aux_loss_coeff=0.0,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+        )
     return TransformerConfig(**kw)
 
 
@@ -173,6 +204,8 @@ def _build_chunks(args, cfg, vpp):
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     spec = get_gpt_layer_local_spec(
+        num_experts=_arg(args, "num_experts", None),
+        moe_grouped_gemm=bool(_arg(args, "moe_grouped_gemm", False)),
         normalization=_arg(args, "normalization", "LayerNorm"),
         qk_layernorm=bool(_arg(args, "qk_layernorm", False)),
     )
@@ -229,17 +262,20 @@ def _prepare_state_dict(sd: dict, model) -> dict:
 
 
 # ----------------------------------------------------------------------------- worker
-def _worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir):
+def _worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir, ep=1, etp=1, moe=False):
     err_path = Path(out_dir) / f"error_rank{rank}.txt"
     try:
         import mcore_cpu_shims as shims
 
         shims.apply_cpu_shims()
-        ps = shims.init_megatron_parallel(rank, world, tp, pp, port, vpp=vpp)
+        if moe:
+            shims.apply_moe_shim()
+        ps = shims.init_megatron_parallel(rank, world, tp, pp, port, vpp=vpp, ep=ep, etp=etp)
         tp_rank = ps.get_tensor_model_parallel_rank()
         pp_rank = ps.get_pipeline_model_parallel_rank()
+        ep_rank = ps.get_expert_model_parallel_rank()
 
-        state = safe_torch_load(rank_file(Path(iter_dir), tp_rank, pp_rank, pp))
+        state = safe_torch_load(rank_file(Path(iter_dir), tp_rank, pp_rank, pp, ep_rank, ep))
         args = state["args"]
         torch.manual_seed(0)
         cfg = _transformer_config(args, tp, pp, vpp)
@@ -301,37 +337,40 @@ def megatron_logits(
     vpp = int(vpp) if vpp else None
     if vpp == 1:
         vpp = None
-    missing = [
-        str(rank_file(iter_dir, t, p, pp))
-        for p in range(pp)
-        for t in range(tp)
-        if not rank_file(iter_dir, t, p, pp).is_file()
-    ]
-    if missing:
-        raise FileNotFoundError(f"missing rank files for tp={tp} pp={pp}: {missing}")
+    ep, etp = moe_degrees(args)
+    if ep == 1:
+        missing = [
+            str(rank_file(iter_dir, t, p, pp))
+            for p in range(pp)
+            for t in range(tp)
+            if not rank_file(iter_dir, t, p, pp).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(f"missing rank files for tp={tp} pp={pp}: {missing}")
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got {tuple(tokens.shape)}")
-    world = tp * pp
+    world = world_size(tp, pp, ep, etp)
 
     _configure_forkserver()
     for attempt in range(3):
         try:
-            return _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s)
+            return _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s, ep, etp,
+                              moe=bool(_arg(args, "num_experts", None)))
         except MegatronHarnessError as e:  # another process grabbed the port first
             if attempt == 2 or "address already in use" not in str(e).lower():
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s) -> torch.Tensor:
+def _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s, ep=1, etp=1, moe=False) -> torch.Tensor:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="mcore_harness_") as out_dir:
         port = _free_port()
         ctx = mp.start_processes(
             _worker,
-            args=(world, tp, pp, vpp, port, str(iter_dir), tokens.tolist(), out_dir),
+            args=(world, tp, pp, vpp, port, str(iter_dir), tokens.tolist(), out_dir, ep, etp, moe),
             nprocs=world,
             join=False,
             start_method="forkserver",

@@ -78,7 +78,7 @@ def test_vpp_and_uneven_layer_placement():
     lay = MegatronLayout(1, 2, 8, vpp=2)
     # chunk v of stage p holds global layers (v*pp + p)*2 .. +1
     assert lay.locate("decoder.layers.5.mlp.linear_fc2.weight").__dict__ == \
-        {"pp_rank": 0, "chunk": 1, "local_name": "decoder.layers.1.mlp.linear_fc2.weight"}
+        {"pp_rank": 0, "chunk": 1, "local_name": "decoder.layers.1.mlp.linear_fc2.weight", "ep_rank": None}
     assert lay.global_name(1, 1, "decoder.layers.0.x") == "decoder.layers.6.x"
     assert lay.locate("output_layer.weight").pp_rank == 1 and lay.locate("output_layer.weight").chunk == 1
     uneven = MegatronLayout(1, 2, 3, first_stage_layers=1)
