@@ -11,6 +11,7 @@ from .formats.detect import detect_format
 from .formats.hf import HFReader
 from .formats.megatron_args import config_from_args
 from .formats.megatron import open_megatron_reader
+from .inspect_dcp import dcp_text, inspect_dcp
 from .inspect_deepspeed import inspect_deepspeed
 from .types import TensorMeta, dtype_name
 
@@ -78,6 +79,7 @@ INSPECTORS: dict[str, Callable[..., dict]] = {
     "megatron_torch": inspect_megatron,
     "deepspeed": inspect_deepspeed,
     "megatron_torch_dist": lambda p, it: inspect_megatron(p, it, "megatron_torch_dist"),
+    "dcp": lambda p, it: inspect_dcp(p, it, tensor_summary=tensor_summary),
 }
 
 
@@ -99,6 +101,8 @@ def inspect_text(info: dict, show_tensors: bool = False) -> str:
                          f"shared={e['shared_expert_size'] or 'none'}{' (gated)' if e['shared_expert_gate'] else ''}  "
                          f"EP={e['ep']} ETP={e['etp']} ({e['experts_per_ep_rank']} per EP rank, "
                          f"{e['expert_layout']})  MoE layers {len(e['moe_layers'])}/{sum(info['layers_per_stage'])}")
+    if info["format"] == "dcp":
+        lines += dcp_text(info)
     lines.append(f"  {info['num_tensors']} tensors, {info['num_parameters']:,} parameters, "
                  f"{info['bytes']:,} bytes, dtypes {info['dtypes']}")
     if show_tensors:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .engine.deepspeed_convert import open_deepspeed
 from .engine.megatron_as_hf import MegatronAsHF
 from .formats.closing import wrap_or_close
+from .formats.dcp_source import DcpSource
 from .formats.detect import detect_format
 from .formats.hf import HFReader
 from .formats.hf_hub import resolve_hf_source
@@ -26,6 +27,8 @@ def open_hf_view(src: str | Path, *, iteration: str | int = "latest", hf_config:
         return HFReader(path)
     if fmt == "deepspeed":
         return open_deepspeed(path, None if str(iteration) == "latest" else iteration, hf_config=hf_config, dtype=dtype)
+    if fmt == "dcp":
+        return DcpSource(path, None if str(iteration) in ("latest", "release") else iteration, hf_config=hf_config)
     if fmt in MEGATRON_READERS:
         return wrap_or_close(open_megatron_reader(path, fmt, iteration), lambda r: MegatronAsHF(r, hf_config, dtype))
     raise AssertionError(f"detect_format returned unhandled format {fmt!r}")

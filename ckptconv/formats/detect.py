@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UnknownFormat
+from .dcp_layout import is_dcp
 from .deepspeed_common import is_deepspeed
 from .megatron_dist_detect import is_dist_checkpoint
 from .megatron_torch import LATEST, is_iteration_dir
@@ -30,6 +31,7 @@ SNIFFERS: list[tuple[str, Callable[[Path], bool]]] = [
     ("hf", is_hf),
     ("deepspeed", is_deepspeed),    # after hf: an HF Trainer checkpoint-N/ with weights reads as HF
     ("megatron_torch_dist", is_dist_checkpoint),
+    ("dcp", is_dcp),                # after torch_dist: Megatron's DCP has a metadata.json marker
     ("megatron_torch", is_megatron_torch),
 ]
 
@@ -44,5 +46,5 @@ def detect_format(path: Path) -> str:
             if sniff(p):
                 return name
     raise UnknownFormat("not a recognised checkpoint (looked for config.json + model*.safetensors, or "
-                        f"{LATEST} / iter_* / release with mp_rank_* directories)", path=p,
+                        f"{LATEST} / iter_* / release with mp_rank_* directories, or a DCP .metadata)", path=p,
                         fix="point at the checkpoint's root directory")

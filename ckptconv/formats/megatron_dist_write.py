@@ -138,6 +138,20 @@ class _FileSystemWriter(dcp.FileSystemWriter):
         return StorageMeta()   # we write into a temporary directory that is renamed: record no path
 
 
+def save_no_dist(planner: _LazySavePlanner, storage: _FileSystemWriter) -> BaseException | None:
+    """Run torch's DCP save in this process (no process group); the error it raised, or None
+    (a storage failure inside a CheckpointException is unwrapped)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # no_dist is meant
+            dcp.save({}, storage_writer=storage, planner=planner, no_dist=True)
+    except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
+        if isinstance(e, CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]
+        return e
+    return None
+
+
 class MegatronDistWriter(CommitsOnExit):
     """The Megatron writer interface (see `formats/megatron.py`). ``impl``, ``tie_copy`` and
     ``gated_mlp`` are accepted for parity with the per-rank writer and change nothing: stored keys
@@ -208,15 +222,9 @@ class MegatronDistWriter(CommitsOnExit):
         return dict(sorted(items.items(), key=lambda kv: order[kv[0]]))     # the engine's writing order
 
     def _save(self, planner: _LazySavePlanner, storage: _FileSystemWriter) -> None:
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # no_dist is meant
-                dcp.save({}, storage_writer=storage, planner=planner, no_dist=True)
-        except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
-            if isinstance(e, CheckpointException) and e.failures:
-                e = next(iter(e.failures.values()))[0]
-            self._failure = e
-            self._handoff.fail(e)
+        self._failure = save_no_dist(planner, storage)
+        if self._failure is not None:
+            self._handoff.fail(self._failure)
 
     def _resolve(self, item: WriteItem) -> Any:
         if item.type == WriteItemType.BYTE_IO:
