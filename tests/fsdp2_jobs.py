@@ -7,7 +7,8 @@
 Both saves users write are made from the same trained state: ``model_only/``
 (`dcp.save(get_model_state_dict(model))`: bare HF names) and ``model_optim/``
 (`dcp.save({"model": msd, "optim": osd})` of `get_state_dict(model, optim)`).
-``load``: instead of training, load a DCP checkpoint into the sharded model (`dcp.load` +
+``mode="accelerate"``: train and save with accelerate instead (``state/`` = its ``save_state`` dir).
+``load=PATH``: instead of training, load a DCP checkpoint into the sharded model (`dcp.load` +
 `set_model_state_dict`) and write its logits (the hf-to-dcp test).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import build_model, tokens  # noqa: E402
 
 
-def _worker(rank: int, world: int, port: int, variant: str, out: str, steps: int, load: str | None,
+def _worker(rank: int, world: int, port: int, mode: str, variant: str, out: str, steps: int, load: str | None,
             key: str | None):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -36,26 +37,29 @@ def _worker(rank: int, world: int, port: int, variant: str, out: str, steps: int
     try:
         torch.manual_seed(0)
         model = build_model(variant, seed=3).train()
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
         ids = tokens(model.config.vocab_size, batch=2, seq=12, seed=11)
         out = Path(out)
-        if load is not None:
+        if mode == "accelerate":
+            model = _accelerate_train_and_save(model, rank, world, steps, out)
+        else:
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        if mode == "load":
             sd = get_model_state_dict(model)
             dcp.load({key: sd} if key else sd, checkpoint_id=load)
             set_model_state_dict(model, sd)
-        else:
+        if mode == "fsdp2":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             for step in range(steps):
                 x = tokens(model.config.vocab_size, batch=2, seq=12, seed=100 + step * world + rank)
-                loss = model(x, labels=x).loss
-                loss.backward()
+                model(x, labels=x).loss.backward()
                 opt.step()
                 opt.zero_grad()
             dcp.save(get_model_state_dict(model), checkpoint_id=str(out / "model_only"))
             msd, osd = get_state_dict(model, opt)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "model_optim"))
+        if mode != "load":
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 from safetensors.torch import save_file
@@ -71,6 +75,36 @@ def _worker(rank: int, world: int, port: int, variant: str, out: str, steps: int
         dist.destroy_process_group()
 
 
+def _accelerate_train_and_save(model, rank: int, world: int, steps: int, out: Path):
+    """accelerate's own FSDP2 path: ``Accelerator(fsdp_plugin=...)``, ``prepare``, ``backward``,
+    ``save_state(out / "state")`` (SHARDED_STATE_DICT). On CPU accelerate picks MULTI_CPU and never
+    selects FSDP by itself (its state code enables FSDP only for GPU-like devices), so the job
+    sets the distributed type to FSDP after constructing the Accelerator; everything after that
+    (fully_shard via prepare, the DCP saves of save_state) is accelerate's code."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT",
+                                            auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    assert acc.is_fsdp2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    for step in range(steps):
+        x = tokens(model.config.vocab_size, batch=2, seq=12, seed=100 + step * world + rank)
+        acc.backward(model(x, labels=x).loss)
+        opt.step()
+        opt.zero_grad()
+    acc.save_state(str(out / "state"))
+    return model
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -78,11 +112,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(out: Path, variant: str = "llama-gqa", steps: int = 3, *,
+def run_job(out: Path, variant: str = "llama-gqa", steps: int = 3, *, mode: str = "fsdp2",
             load: Path | None = None, key: str | None = None, world: int = 2) -> Path:
+    """``mode``: "fsdp2" (train, save model_only/ and model_optim/), "accelerate" (train and
+    ``save_state`` into state/) or "load" (load the DCP checkpoint ``load``, optionally under
+    ``key``, into the sharded model). Every mode writes logits.pt; the training modes also
+    full.safetensors and config/."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(world, free_port(), variant, str(out), steps,
+    mode = "load" if load is not None else mode
+    mp.start_processes(_worker, args=(world, free_port(), mode, variant, str(out), steps,
                                       None if load is None else str(load), key),
                        nprocs=world, join=True, start_method="spawn")
     return out

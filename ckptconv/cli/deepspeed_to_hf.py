@@ -15,7 +15,8 @@ def deepspeed_text(s: dict) -> str:
         what += f" ({s['optimizer']}, {s['world_size']} data-parallel ranks)"
     if s.get("direction") == "megatron_to_hf":
         what += f", Megatron-DeepSpeed TP={s['tp']} PP={s['pp']}, vocab {s['padded_vocab_size']} -> {s['vocab_size']}"
-    lines = [f"deepspeed -> hf: tag {s['tag']}, {what}, weights {s['weights']}",
+    weights = s["weights"] + (f" ({s['weights_from']})" if s.get("weights_from") else "")
+    lines = [f"deepspeed -> hf: tag {s['tag']}, {what}, weights {weights}",
              f"  write {s['tensors_written']} tensors, {human_bytes(s['bytes_written'])}"]
     if s.get("dropped_aliases"):
         lines.append(f"  tied copies not written (config ties them): {', '.join(s['dropped_aliases'])}")
@@ -27,7 +28,8 @@ def deepspeed_text(s: dict) -> str:
 @click.argument("dst", type=click.Path())
 @click.option("--tag", default=None, help="Checkpoint tag (default: the one named in 'latest').")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="master", show_default=True,
-              help="master: fp32 masters from the optimizer partitions; module: the saved 16-bit module weights.")
+              help="master: fp32 masters from the optimizer partitions; module: the engine's 16-bit module weights "
+                   "(stage 3 saves none: the masters rounded to the engine's dtype).")
 @click.option("--hf-config", type=click.Path(exists=True), default=None,
               help="HF config.json (or its directory); default: the config.json next to the checkpoint.")
 @dtype_option

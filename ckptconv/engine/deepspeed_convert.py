@@ -55,7 +55,7 @@ def _summary(source) -> dict:
            "deepspeed_layout": getattr(inner, "format", None)}
     if hasattr(source, "plan"):
         out.update(source.plan.summary())
-    for key in ("stage", "dropped_aliases"):
+    for key in ("stage", "dropped_aliases", "weights_from"):
         if hasattr(inner, key):
             out[key] = getattr(inner, key)
     optim = getattr(inner, "optim", None)

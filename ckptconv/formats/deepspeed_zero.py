@@ -8,7 +8,12 @@ Weights come from one of two places (``weights=``):
   ``frozen_param_fragments``, buffers from ``module``; both are widened to fp32 like
   DeepSpeed's zero_to_fp32 does. This is bit-identical to zero_to_fp32's output.
 * ``"module"``: the 16-bit (or fp32) module weights of ``mp_rank_00_model_states.pt``
-  (stage 0/1/2 only: stage 3 saves none).
+  (stage 0/1/2). Stage 3 saves none (each rank's module holds empty placeholders); there the
+  engine's module weights are its fp32 masters copied into its 16-bit partitions after every
+  step (``tensor.copy_``: round to nearest even), so they are the masters rounded to the
+  engine's dtype (bf16 / fp16 from ``ds_config``), bit-equal to what DeepSpeed gathers
+  (``_zero3_consolidated_16bit_state_dict``); frozen params and buffers keep their stored dtype.
+  ``weights_from`` says which of these a source did.
 Tied parameters (``shared_params``) are written as a copy of their target, except when the
 HF config ties them (``tie_word_embeddings``), where HF checkpoints omit the copy.
 """
@@ -168,19 +173,22 @@ class DeepSpeedZeroSource(ClosesOnExit):
         bf16 = bool((self.ds_config.get("bf16") or {}).get("enabled"))
         self.stage = 3 if stage3 else (self.ds_config.get("zero_optimization") or {}).get("stage")
         self._entries: dict[str, tuple] = {}
-        if self.weights == "module":
-            if stage3:
-                raise MissingTensors("stage 3 checkpoints hold no module weights (each rank saves empty placeholders)",
-                                     path=self._model_files[0].path, fix="use --weights master (add --dtype bf16 for "
-                                     "the engine's 16-bit values: they are the masters rounded)")
+        # stage 3 saves no module weights: the engine's are its fp32 masters rounded to its dtype
+        self.round_to = engine_dtype(self.ds_config) if self.weights == "module" and stage3 else None
+        self.weights_from = (f"fp32 masters rounded to {str(self.round_to)[6:]} (stage 3 saves no module weights; "
+                             "this is what the engine gathers)" if self.round_to is not None else
+                             "fp32 masters" if self.weights == "master" else "saved module weights")
+        if self.weights == "module" and not stage3:
             for name, t in module.items():
                 if isinstance(t, LazyTensor) and name not in self.dropped_aliases:
                     self._entries[name] = ("lazy", t, t.dtype)
             return
         self.optim = ZeroOptimFiles(self.tag_dir, 0, bf16)
         if not self.optim.present:
+            fix = ("stage 3 keeps every weight in the optimizer files: copy them with the checkpoint"
+                   if stage3 else "pass --weights module to take the module weights")
             raise MissingTensors("no *_optim_states.pt files: the fp32 master weights are not in this checkpoint",
-                                 path=self.tag_dir, fix="pass --weights module to take the module weights")
+                                 path=self.tag_dir, fix=fix)
         if (self.optim.stage == 3) != stage3:
             raise LayoutError(f"model states say stage {'3' if stage3 else '0-2'} but the optimizer files are "
                               f"stage {self.optim.stage}", path=self.tag_dir, fix="do not mix files of different saves")
@@ -192,20 +200,20 @@ class DeepSpeedZeroSource(ClosesOnExit):
         shapes = head["param_shapes"]
         for name, pieces in self.optim.pieces(shapes).items():
             shape = tuple(next(g[name] for g in shapes if name in g))
-            self._entries[name] = ("flat", pieces, self.optim.dtype, shape)
+            self._entries[name] = ("flat", pieces, self.round_to or self.optim.dtype, shape)
         frozen = head.get("frozen_param_shapes") or {}
         for name, shape in frozen.items():
             frags = [(f.obj.get("frozen_param_fragments") or {}).get(name) for f in self._model_files]
             if not all(isinstance(x, LazyTensor) for x in frags):
                 raise MissingTensors("frozen parameter has no fragment", path=self._model_files[0].path, tensor=name,
                                      fix="the model states file is incomplete")
-            self._entries[name] = ("frozen", frags, _widen(frags[0].dtype), tuple(shape))
+            self._entries[name] = ("frozen", frags, self._widen(frags[0].dtype), tuple(shape))
         for name in head.get("buffer_names") or []:
             t = module.get(name)
             if not isinstance(t, LazyTensor):
                 raise MissingTensors("buffer listed in buffer_names is absent from module",
                                      path=self._model_files[0].path, tensor=name, fix="the file is incomplete")
-            self._entries[name] = ("buffer", t, _widen(t.dtype))
+            self._entries[name] = ("buffer", t, self._widen(t.dtype))
         for alias, target in self.shared.items():
             if alias not in self.dropped_aliases and target in self._entries:
                 self._entries[alias] = ("alias", target, self._entries[target][2])
@@ -238,8 +246,8 @@ class DeepSpeedZeroSource(ClosesOnExit):
         kind = e[0]
         if kind == "alias":
             return self.read(e[1])
-        if kind == "flat":
-            return self.optim.read(e[1], e[3])
+        if kind == "flat":      # round to nearest even, as the engine's copy of its masters does
+            return self.optim.read(e[1], e[3]).to(e[2])
         if kind == "frozen":
             frags, shape = e[1], e[3]
             numel = torch.Size(shape).numel()
@@ -248,6 +256,11 @@ class DeepSpeedZeroSource(ClosesOnExit):
             parts = [frags[p.rank].load_slice(0, p.start, p.stop) for p in fragment_pieces(numel, len(frags))]
             return torch.cat(parts).view(shape).to(e[2])
         return e[1].load().to(e[2])
+
+    def _widen(self, dtype: torch.dtype) -> torch.dtype:
+        """Master weights: frozen params and buffers widened to fp32 (zero_to_fp32's rule); the
+        engine's module weights (stage 3): kept in the dtype the engine holds them in."""
+        return dtype if self.round_to is not None else _widen(dtype)
 
     def _shape(self, e: tuple) -> tuple[int, ...]:
         if e[0] == "alias":
@@ -264,6 +277,15 @@ class DeepSpeedZeroSource(ClosesOnExit):
         self._model_files = []
         if self.optim is not None:
             self.optim.close()
+
+
+def engine_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype a DeepSpeed engine computes in: bf16 / fp16 when its config enables them."""
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def _widen(dtype: torch.dtype) -> torch.dtype:

@@ -156,3 +156,19 @@ def test_bad_inputs(hf_model_dir, tmp_path):
     assert tree_hash(trunc) == before
     for o in ("o1", "o2", "o3"):
         assert not (tmp_path / o).exists()
+
+
+def test_accelerate_fsdp2_save_state_to_hf(tmp_path_factory, tmp_path):
+    pytest.importorskip("accelerate")
+    out = run_job(tmp_path_factory.mktemp("accelerate"), "llama-gqa", steps=2, mode="accelerate")
+    state = out / "state"
+    assert (state / "pytorch_model_fsdp_0" / ".metadata").is_file() and (state / "optimizer_0" / ".metadata").is_file()
+    info = json.loads(run("inspect", state, "--json").output)
+    assert info["layout"] == "accelerate" and info["training_state"]["optimizer"]["tensors"] > 0
+    assert any(f.startswith("random_states_") for f in info["other_files"])
+    res = run("dcp-to-hf", state, tmp_path / "hf", "--hf-config", out / "config")
+    assert res.exit_code == 0, res.output
+    full, got = hf_tensors(out), hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(full) and all(torch.equal(got[n], full[n]) for n in full)
+    live = torch.load(out / "logits.pt")
+    assert torch.allclose(hf_logits(tmp_path / "hf", live["tokens"]), live["logits"], atol=1e-5, rtol=0)
