@@ -23,14 +23,23 @@ VARIANTS = {
     "qwen2": ("Qwen2Config", {"vocab_size": 250}),
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
     "llama-3layer": ("LlamaConfig", {"num_hidden_layers": 3}),
+    "mistral-window": ("MistralConfig", {"sliding_window": 5}),
+    "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),          # head_dim != hidden / heads: kv_channels
+    "qwen3-tied": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5},
+                         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 4, "n_head": 8, "n_positions": 256, "vocab_size": 250}),
 }
+NO_BASE = {"GPT2Config"}        # configs whose keys are not Llama's
 
 
 def build_model(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     import transformers
 
     cls_name, over = VARIANTS[variant]
-    cfg = getattr(transformers, cls_name)(**{**BASE, **over})
+    cfg = getattr(transformers, cls_name)(**{**({} if cls_name in NO_BASE else BASE), **over})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():   # make norms and biases non-trivial so mix-ups show in logits

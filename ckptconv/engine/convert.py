@@ -59,7 +59,7 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
     fingerprints = ManifestBuilder.for_hf_config(hf_cfg)
     with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
         with megatron_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
-                             impl=impl, tie_copy=cfg.tie_embeddings, extra=extra) as writer:
+                             impl=impl, tie_copy=cfg.tie_embeddings, gated_mlp=cfg.gated, extra=extra) as writer:
             for item in progress(plan.items, desc="to megatron", enabled=show_progress):
                 xs = [source.read(m.name) for m in item.hf]
                 for m, x in zip(item.hf, xs):

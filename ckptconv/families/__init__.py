@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from ..errors import UnsupportedFamily
 from .llama import LLAMA
+from .gpt2 import GPT2
 from .mistral import MISTRAL
+from .phi3 import PHI3
 from .qwen2 import QWEN2
+from .qwen3 import QWEN3
 from .schema import Family, Mapping, ModelConfig, Rule
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2)}
+# Registration order matters for Megatron args without an HF config: the first family whose
+# fixed features fit the args is chosen (Llama before its window-capable Mistral).
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GPT2)}
 
 
 def family_by_name(name: str) -> Family:

@@ -1,38 +1,25 @@
-"""What a model family is: a declarative table of rules plus the config mapping.
+"""What a model family is: a declarative table of rules, its architecture features and the
+names its HF config uses for them.
 
 A rule maps one Megatron logical tensor (global layer index ``{i}``, TP=1 layout) to the
 Hugging Face tensors it is made of, through one pure op (see ``ckptconv.ops``). How a
 Megatron tensor is split over TP/PP ranks is not family knowledge: it is a property of the
 Megatron module and lives in ``ckptconv.plan.megatron_layout``.
+
+The architecture is data on ``ModelConfig`` (norm kind and offset, activation, gating,
+biases, position embedding, qk-norm, soft-capping, embedding scale, per-layer windows, ...):
+the HF config reader/writer (``families.hf_config``), the Megatron args (both ways), the
+runtime's shapes and its decoder block are all derived from these fields.
 """
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The architecture facts a conversion needs, independent of any framework's names."""
-    family: str
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_embeddings: bool
-    qkv_bias: bool
-    norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    rope_scaling: dict | None = field(default=None, compare=False)
-    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def q_per_group(self) -> int:
-        return self.num_heads // self.num_kv_heads
+from . import hf_config
+from .config import FEATURES, FREE, ModelConfig  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -55,42 +42,85 @@ class Mapping:
 CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
     "untied": lambda c: not c.tie_embeddings,
     "qkv_bias": lambda c: c.qkv_bias,
+    "linear_bias": lambda c: c.linear_bias,
+    "qk_norm": lambda c: c.qk_norm,
+    "norm_bias": lambda c: c.norm == "layernorm",
+    "learned_position": lambda c: c.position == "learned_absolute",
+    "sandwich_norm": lambda c: c.sandwich_norm,
 }
+
+# Index variables a rule pattern may use, and how many values each takes for a model.
+INDEX_RANGES: dict[str, Callable[[ModelConfig], int]] = {"i": lambda c: c.num_layers}
+_VARS = re.compile(r"\{(\w+)\}")
+
+
+def expand_rule(r: Rule, cfg: ModelConfig, **fixed: int) -> list[Mapping]:
+    """Every instance of ``r``: one per value of each index variable its patterns name (those
+    given in ``fixed`` take that value)."""
+    names = sorted({v for p in (r.megatron, *r.hf) for v in _VARS.findall(p)} - set(fixed))
+    out = []
+    for values in itertools.product(*(range(INDEX_RANGES[v](cfg)) for v in names)):
+        env = {**fixed, **dict(zip(names, values))}
+        out.append(Mapping(r.megatron.format(**env), tuple(h.format(**env) for h in r.hf), r.op))
+    return out
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its tables and its HF config mapping (both directions)."""
+    """A model family: its tables, its fixed architecture features and its HF config names.
+
+    ``features``: ModelConfig feature -> value this family always has (FREE: read per model
+    through ``hf_keys``). ``hf_keys``: ModelConfig field -> HF config key or keys (the first
+    present is read, the first is written; a dotted key looks inside a sub-dict, e.g.
+    ``rope_parameters.partial_rotary_factor``; None in ``extend`` drops a key). ``hf_defaults``: value
+    of a field when its HF key is absent (a callable gets the config read so far).
+    ``hf_required``: HF key -> accepted values (the first is written back). ``windows``: how the
+    HF config states per-layer sliding windows (see ``families.windows``). ``ignore_hf``:
+    regexes of HF tensors that carry no weights (derived buffers)."""
     name: str
     hf_architectures: tuple[str, ...]
     hf_model_types: tuple[str, ...]
     global_rules: tuple[Rule, ...]
     layer_rules: tuple[Rule, ...]
-    from_hf_config: Callable[[dict], ModelConfig]
-    to_hf_config: Callable[[ModelConfig], dict]
+    features: dict = field(default_factory=dict)
+    hf_keys: dict = field(default_factory=dict)
+    hf_defaults: dict = field(default_factory=dict)
+    hf_required: dict = field(default_factory=dict)
+    windows: str = "none"
+    ignore_hf: tuple[str, ...] = ()
 
     def expand(self, cfg: ModelConfig) -> list[Mapping]:
         """Every concrete mapping for this model, in Megatron state_dict order."""
         def keep(r: Rule) -> bool:
             return r.when is None or CONDITIONS[r.when](cfg)
-        out: list[Mapping] = []
         head = [r for r in self.global_rules if keep(r) and r.megatron.startswith("embedding.")]
         tail = [r for r in self.global_rules if keep(r) and not r.megatron.startswith("embedding.")]
-        for r in head:
-            out.append(Mapping(r.megatron, r.hf, r.op))
+        out = [m for r in head for m in expand_rule(r, cfg)]
         for i in range(cfg.num_layers):
-            for r in self.layer_rules:
-                if keep(r):
-                    out.append(Mapping(r.megatron.format(i=i), tuple(h.format(i=i) for h in r.hf), r.op))
-        for r in tail:
-            out.append(Mapping(r.megatron, r.hf, r.op))
-        return out
+            out += [m for r in self.layer_rules if keep(r) for m in expand_rule(r, cfg, i=i)]
+        return out + [m for r in tail for m in expand_rule(r, cfg)]
+
+    def from_hf_config(self, hf: dict) -> ModelConfig:
+        return hf_config.read_hf_config(self, hf)
+
+    def to_hf_config(self, cfg: ModelConfig) -> dict:
+        return hf_config.write_hf_config(self, cfg)
+
+    def fixed_features(self) -> dict:
+        return {k: v for k, v in self.features.items() if v is not FREE}
 
     def extend(self, name: str, *, hf_architectures: tuple[str, ...], hf_model_types: tuple[str, ...],
-               extra_layer_rules: tuple[Rule, ...] = (),
-               from_hf_config: Callable[[dict], ModelConfig] | None = None,
-               to_hf_config: Callable[[ModelConfig], dict] | None = None) -> "Family":
-        """A derived family: same tables plus extra rules, optionally another config mapping."""
-        return Family(name, hf_architectures, hf_model_types, self.global_rules,
-                      self.layer_rules + extra_layer_rules,
-                      from_hf_config or self.from_hf_config, to_hf_config or self.to_hf_config)
+               global_rules: tuple[Rule, ...] | None = None, layer_rules: tuple[Rule, ...] | None = None,
+               extra_layer_rules: tuple[Rule, ...] = (), features: dict | None = None,
+               hf_keys: dict | None = None, hf_defaults: dict | None = None, hf_required: dict | None = None,
+               windows: str | None = None, ignore_hf: tuple[str, ...] = ()) -> "Family":
+        """A derived family: these tables with some rules replaced or added, some features,
+        HF keys, defaults and requirements overridden."""
+        return Family(name, hf_architectures, hf_model_types,
+                      self.global_rules if global_rules is None else global_rules,
+                      (self.layer_rules if layer_rules is None else layer_rules) + extra_layer_rules,
+                      {**self.features, **(features or {})},
+                      {k: v for k, v in {**self.hf_keys, **(hf_keys or {})}.items() if v is not None},
+                      {**self.hf_defaults, **(hf_defaults or {})},
+                      {k: v for k, v in {**self.hf_required, **(hf_required or {})}.items() if v is not None},
+                      windows or self.windows, self.ignore_hf + ignore_hf)

@@ -1,44 +1,136 @@
 """ModelConfig <-> Megatron-LM `args` (argparse.Namespace), the way Megatron-LM names them.
 
+Both directions are driven by one table per direction over the architecture features of
+``ModelConfig`` (see ``families.schema``); the family of a checkpoint without a carried HF
+config is the first registered family whose fixed features equal the ones the args state.
+
 The Namespace holds only plain values and torch dtypes, so Megatron's weights-only loaders
 accept it and `--use-checkpoint-args` can rebuild the model from it.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..errors import UnsupportedFamily
-from ..families import family_by_name, family_for_hf
+from ..families import FAMILIES, family_for_hf
+from ..families.hf_config import unmatched_features
 from ..families.schema import ModelConfig
-from .megatron_args_fields import check_args_fields
 from ..plan.megatron_layout import MegatronLayout
+from .megatron_args_fields import check_args_fields
+
+NORMS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def build_args(cfg: ModelConfig, layout: MegatronLayout, *, padded_vocab: int, divisible_by: int,
-               dtype: torch.dtype, impl: str, iteration: int) -> argparse.Namespace:
+def window_args(windows: tuple) -> dict:
+    """Megatron-Core's window_size (left, right) and window_attn_skip_freq for per-layer
+    windows W (attend to delta < W, i.e. left = W - 1); an int skip frequency N when every
+    N-th layer (1-based) is the full-attention one, else the per-layer list (1 = window)."""
+    sizes = {w for w in windows if w}
+    if not sizes:
+        return {"window_size": None, "window_attn_skip_freq": None}
+    if len(sizes) > 1:
+        raise UnsupportedFamily(f"layers use different window sizes {sorted(sizes)}; Megatron-Core has one "
+                                "window_size", path="config.json", fix="convert a model with one window size")
+    flags = [1 if w else 0 for w in windows]
+    skip = None
+    if not all(flags):
+        n = flags.index(0) + 1
+        skip = n if flags == [int((i + 1) % n != 0) for i in range(len(flags))] else flags
+    return {"window_size": (sizes.pop() - 1, 0), "window_attn_skip_freq": skip}
+
+
+def windows_from_args(args: Any, layers: int) -> tuple:
+    size = getattr(args, "window_size", None)
+    if not size:
+        return ()
+    left, right = (int(x) for x in size)
+    if right != 0 or left < 0:
+        raise UnsupportedFamily(f"window_size={tuple(size)} is not a causal sliding window", fix="pass --hf-config")
+    skip = getattr(args, "window_attn_skip_freq", None)
+    flags = ([1] * layers if skip is None else
+             [int((i + 1) % int(skip) != 0) for i in range(layers)] if isinstance(skip, int) else list(skip))
+    return tuple(left + 1 if f else None for f in flags)
+
+
+# cfg -> args fields (besides the sizes and the layout)
+TO_ARGS = {
+    "normalization": lambda c: NORMS[c.norm],
+    "apply_layernorm_1p": lambda c: c.norm_offset == 1.0,
+    "layernorm_zero_centered_gamma": lambda c: c.norm_offset == 1.0,
+    "swiglu": lambda c: c.gated and c.activation == "silu",
+    "gated_linear_unit": lambda c: c.gated,
+    "openai_gelu": lambda c: c.activation == "gelu_tanh",
+    "add_bias_linear": lambda c: c.linear_bias,
+    "add_qkv_bias": lambda c: c.qkv_bias,
+    "position_embedding_type": lambda c: c.position,
+    "use_rotary_position_embeddings": lambda c: c.position == "rope",
+    "add_position_embedding": lambda c: c.position == "learned_absolute",
+    "qk_layernorm": lambda c: c.qk_norm,
+    "rotary_percent": lambda c: c.rotary_percent,
+    "softmax_scale": lambda c: c.softmax_scale if c.query_pre_attn_scalar else None,
+    # named as Megatron-Bridge's Gemma providers name them (Megatron-Core has no such fields)
+    "query_pre_attn_scalar": lambda c: c.query_pre_attn_scalar,
+    "attn_logit_softcapping": lambda c: c.attn_softcap,
+    "final_logit_softcapping": lambda c: c.final_softcap,
+}
+
+def _position(args: Any) -> str:
+    """position_embedding_type; Megatron-DeepSpeed pickles an enum there, so its booleans decide."""
+    value = getattr(args, "position_embedding_type", None)
+    if isinstance(value, str):
+        return value
+    if getattr(args, "add_position_embedding", False) and not getattr(args, "use_rotary_position_embeddings", False):
+        return "learned_absolute"
+    return "rope"
+
+
+# args -> cfg features (defaults: what older ckptconv and hand-built args assume)
+FROM_ARGS = {
+    "norm": lambda a: {v: k for k, v in NORMS.items()}[getattr(a, "normalization", None) or "RMSNorm"],
+    "norm_offset": lambda a: 1.0 if getattr(a, "apply_layernorm_1p", False)
+    or getattr(a, "layernorm_zero_centered_gamma", False) else 0.0,
+    "gated": lambda a: bool(getattr(a, "swiglu", False) or getattr(a, "gated_linear_unit", False)),
+    "activation": lambda a: "silu" if getattr(a, "swiglu", False) else
+    "gelu_tanh" if getattr(a, "openai_gelu", False) else "gelu",
+    "linear_bias": lambda a: bool(getattr(a, "add_bias_linear", False)),
+    "qkv_bias": lambda a: bool(getattr(a, "add_qkv_bias", False) or getattr(a, "add_bias_linear", False)),
+    "position": lambda a: _position(a),
+    "qk_norm": lambda a: bool(getattr(a, "qk_layernorm", False)),
+    "rotary_percent": lambda a: float(getattr(a, "rotary_percent", None) or 1.0),
+    "query_pre_attn_scalar": lambda a: getattr(a, "query_pre_attn_scalar", None),
+    "attn_softcap": lambda a: getattr(a, "attn_logit_softcapping", None),
+    "final_softcap": lambda a: getattr(a, "final_logit_softcapping", None),
+}
+REFUSED_ARGS = ("squared_relu", "apply_residual_connection_post_layernorm", "rotary_interleaved")
+
+
+def _rope_scaling_args(cfg: ModelConfig) -> dict:
     scaling = cfg.rope_scaling or {}
     if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
         raise UnsupportedFamily(f"rope scaling {scaling.get('rope_type')!r} has no Megatron-Core equivalent",
                                 path="config.json", fix="only llama3-style rope scaling is supported")
-    fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    odd = {k: scaling[k] for k in fixed if scaling and k in scaling and float(scaling[k]) != fixed[k]}
+    odd = {k: scaling[k] for k in LLAMA3_FIXED if scaling and k in scaling and float(scaling[k]) != LLAMA3_FIXED[k]}
     if odd:
-        raise UnsupportedFamily(f"llama3 rope scaling with {odd}: Megatron-Core hard-codes {fixed}",
+        raise UnsupportedFamily(f"llama3 rope scaling with {odd}: Megatron-Core hard-codes {LLAMA3_FIXED}",
                                 path="config.json", fix="only the Llama 3.x rope scaling constants are supported")
+    return {"use_rope_scaling": bool(scaling), "rope_scaling_factor": float(scaling.get("factor", 8.0))}
+
+
+def build_args(cfg: ModelConfig, layout: MegatronLayout, *, padded_vocab: int, divisible_by: int,
+               dtype: torch.dtype, impl: str, iteration: int) -> argparse.Namespace:
     gqa = cfg.num_kv_heads != cfg.num_heads
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_heads, kv_channels=cfg.head_dim,
         group_query_attention=gqa, num_query_groups=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, seq_length=min(cfg.max_position_embeddings, 4096),
-        position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=False,
-        rotary_base=cfg.rope_theta, rotary_percent=1.0, rotary_interleaved=False,
-        use_rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
-        normalization="RMSNorm", norm_epsilon=cfg.norm_eps, apply_layernorm_1p=False, qk_layernorm=False,
-        swiglu=True, add_bias_linear=False, add_qkv_bias=cfg.qkv_bias,
+        rotary_base=cfg.rope_theta, rotary_interleaved=False, **_rope_scaling_args(cfg),
+        norm_epsilon=cfg.norm_eps, **{k: f(cfg) for k, f in TO_ARGS.items()}, **window_args(cfg.layer_windows),
         untie_embeddings_and_output_weights=not cfg.tie_embeddings,
         vocab_size=cfg.vocab_size, padded_vocab_size=padded_vocab, make_vocab_size_divisible_by=divisible_by,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
@@ -81,26 +173,30 @@ def config_from_args(args: Any, hf_config: dict | None = None, *, check_fields: 
         raise UnsupportedFamily(f"this Megatron model is a Mixture-of-Experts (num_experts={args.num_experts}) and "
                                 "no MoE family is known yet", fix="reshard and inspect work on it; HF export and verify of MoE "
                                 "checkpoints needs the Mixtral / Qwen-MoE families")
-    if getattr(args, "add_bias_linear", False) or not getattr(args, "swiglu", False) \
-            or getattr(args, "normalization", "RMSNorm") != "RMSNorm":
-        raise UnsupportedFamily("this Megatron model is not Llama-like (bias on linears, no SwiGLU or "
-                                "LayerNorm)", fix="pass --hf-config with the matching HF config.json")
-    family = family_by_name("qwen2" if getattr(args, "add_qkv_bias", False) else "llama")
     heads = int(args.num_attention_heads)
     groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
     vocab = getattr(args, "vocab_size", None) or int(args.padded_vocab_size)
     scaling = None
     if getattr(args, "use_rope_scaling", False):
-        scaling = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        scaling = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
     cfg = ModelConfig(
-        family=family.name, num_layers=int(args.num_layers), hidden_size=int(args.hidden_size),
+        family="?", num_layers=int(args.num_layers), hidden_size=int(args.hidden_size),
         ffn_hidden_size=int(args.ffn_hidden_size), num_heads=heads, num_kv_heads=groups,
         head_dim=int(getattr(args, "kv_channels", None) or int(args.hidden_size) // heads),
         vocab_size=int(vocab), tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
-        qkv_bias=bool(getattr(args, "add_qkv_bias", False)), norm_eps=float(getattr(args, "layernorm_epsilon", None) or getattr(args, "norm_epsilon", 1e-5)),
+        norm_eps=float(getattr(args, "layernorm_epsilon", None) or getattr(args, "norm_epsilon", 1e-5)),
         rope_theta=float(getattr(args, "rotary_base", 10000)),
         max_position_embeddings=int(getattr(args, "max_position_embeddings", 4096)), rope_scaling=scaling,
+        layer_windows=windows_from_args(args, int(args.num_layers)),
+        **{k: f(args) for k, f in FROM_ARGS.items()},
     )
-    hf = family.to_hf_config(cfg)
-    return family.from_hf_config(hf)
+    misfit = {}
+    for family in FAMILIES.values():
+        misfit[family.name] = unmatched_features(family, cfg)
+        if not misfit[family.name]:
+            hf = family.to_hf_config(replace(cfg, family=family.name))
+            return family.from_hf_config(hf)
+    closest = min(misfit, key=lambda n: len(misfit[n]))
+    raise UnsupportedFamily(f"no supported family has this Megatron model's architecture (closest: {closest}, "
+                            f"which differs in {misfit[closest]})",
+                            fix="pass --hf-config with the matching HF config.json")

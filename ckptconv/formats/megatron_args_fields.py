@@ -38,6 +38,8 @@ MAPPED = _names("""
     padded_vocab_size pipeline_model_parallel_size rope_scaling_factor rotary_base swiglu
     tensor_model_parallel_size transformer_impl untie_embeddings_and_output_weights use_rope_scaling
     virtual_pipeline_model_parallel_size vocab_size
+    apply_layernorm_1p gated_linear_unit layernorm_zero_centered_gamma openai_gelu position_embedding_type
+    qk_layernorm rotary_percent window_attn_skip_freq window_size
 """)
 
 # field -> the values the readers' assumptions hold for (Megatron-LM's default unless noted)
@@ -45,7 +47,6 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'account_for_embedding_in_pipeline_split': (False,),
     'account_for_loss_in_pipeline_split': (False,),
     'activation_func_clamp_value': (None,),
-    'apply_layernorm_1p': (False,),
     'apply_query_key_layer_scaling': (False,),
     'apply_residual_connection_post_layernorm': (False,),
     'attention_output_gate': (False,),
@@ -55,7 +56,6 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'dsa_indexer_topk': (None,),
     'encoder_num_layers': (None,),
     'experimental_attention_variant': (None,),
-    'gated_linear_unit': (False,),
     'glu_linear_offset': (0.0,),
     'heterogeneous_layers_config_encoded_json': (None,),
     'heterogeneous_layers_config_path': (None,),
@@ -64,7 +64,6 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'hybrid_override_pattern': (None,),
     'is_hybrid_model': (False,),
     'kv_lora_rank': (32,),
-    'layernorm_zero_centered_gamma': (False,),
     'linear_attention_freq': (None,),
     'linear_conv_kernel_dim': (4,),
     'linear_key_head_dim': (128,),
@@ -101,18 +100,14 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'no_rope_freq': (None,),
     'num_experts': (None,),
     'num_experts_per_tok': (None,),
-    'openai_gelu': (False,),
     'pipeline_model_parallel_layout': (None,),
-    'position_embedding_type': ('rope',),
     'q_lora_rank': (None,),
     'qk_head_dim': (128,),
     'qk_l2_norm': (False,),
-    'qk_layernorm': (False,),
     'qk_pos_emb_head_dim': (64,),
     'quick_geglu': (False,),
     'rope_type': (None, 'rope'),
     'rotary_interleaved': (False,),
-    'rotary_percent': (1.0,),
     'rotary_scaling_factor': (1.0,),
     'rotary_seq_len_interpolation_factor': (None,),
     'softmax_type': ('vanilla',),
@@ -121,8 +116,6 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'use_fused_weighted_squared_relu': (False,),
     'use_legacy_models': (False,),
     'v_head_dim': (128,),
-    'window_attn_skip_freq': (None,),
-    'window_size': (None,),
 }
 
 NEUTRAL = _names("""

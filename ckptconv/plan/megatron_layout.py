@@ -28,6 +28,7 @@ TP_PLACEMENT: tuple[tuple[str, str], ...] = (
     (r"linear_fc2\.weight$", "row"),
     (r"linear_fc2\.bias$", "replicated"),
     (r"^embedding\.word_embeddings\.weight$", "vocab"),
+    (r"^embedding\.position_embeddings\.weight$", "replicated"),
     (r"^output_layer\.weight$", "vocab"),
     (r"\.mlp\.router\.(weight|expert_bias)$", "replicated"),
     (r"\.shared_experts\.gate_weight$", "replicated"),

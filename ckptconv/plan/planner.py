@@ -6,6 +6,7 @@ divisibility by TP/PP/VPP) and executed item by item by the engine.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +87,7 @@ class Plan:
         for it in self.items:
             m = it.megatron
             loc = lay.locate(m.name)
-            lshape = lay.local_shape(m.name, tp_kind(m.name), m.shape)
+            lshape = lay.local_shape(m.name, tp_kind(m.name, self.cfg.gated), m.shape)
             nbytes = TensorMeta(m.name, lshape, m.dtype).nbytes
             for t, p, e in lay.holders(loc):
                 f = files.setdefault((t, p, e), {"tp_rank": t, "pp_rank": p, "tensors": 0, "bytes": 0})
@@ -132,8 +133,8 @@ def plan_hf_to_megatron(family: Family, cfg: ModelConfig, source: dict[str, Tens
     for name in sorted(set(source) - used):
         if name == "lm_head.weight" and cfg.tie_embeddings:
             ignored.append(name)        # a stored copy of the tied embedding
-        elif name.endswith("rotary_emb.inv_freq"):
-            ignored.append(name)        # a derived buffer some exporters keep
+        elif any(re.search(p, name) for p in family.ignore_hf):
+            ignored.append(name)        # a derived buffer some exporters keep (family.ignore_hf)
         else:
             raise MissingTensors(f"unexpected tensor not covered by the {family.name} table", tensor=name,
                                  fix="the checkpoint holds weights this family does not know; check the architecture")

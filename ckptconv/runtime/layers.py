@@ -16,15 +16,32 @@ from .parallel import Parallel
 
 
 class RMSNorm:
-    """As in transformers and Megatron-Core: normalise in fp32, scale in the input dtype."""
+    """As in transformers and Megatron-Core: normalise in fp32, scale in the input dtype; with
+    ``offset`` 1 (Gemma, Megatron's zero-centred gamma) scale by (1 + w) in fp32."""
 
-    def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight, self.eps = weight, eps
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0, bias: torch.Tensor | None = None):
+        self.weight, self.eps, self.offset = weight, eps, offset
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+
+class LayerNorm:
+    """torch's LayerNorm with weight and bias (GPT-2, Megatron's LayerNorm)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0, bias: torch.Tensor | None = None):
+        self.weight, self.eps, self.bias = (weight + offset if offset else weight), eps, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class ColumnParallelLinear:
@@ -36,11 +53,14 @@ class ColumnParallelLinear:
 
 
 class RowParallelLinear:
-    def __init__(self, weight: torch.Tensor, par: Parallel):
-        self.weight, self.par = weight, par
+    """Partial products all-reduced over TP; the (whole) bias added once, after the sum."""
+
+    def __init__(self, weight: torch.Tensor, par: Parallel, bias: torch.Tensor | None = None):
+        self.weight, self.par, self.bias = weight, par, bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.par.all_reduce(F.linear(x, self.weight))
+        out = self.par.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
 
 
 class VocabParallelEmbedding:

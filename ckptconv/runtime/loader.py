@@ -26,25 +26,10 @@ from ..formats.megatron_torch import FILE_NAME, model_keys, rank_dir_name
 from ..formats.safe_pickle import TorchFile
 from ..ops import get_op
 from ..plan.megatron_layout import MegatronLayout, local_shape, tp_kind, tp_pieces
+from ..plan.megatron_shapes import logical_shape
 from ..plan.planner import plan_hf_to_megatron
 
 EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
-
-
-def logical_shape(name: str, cfg: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
-    """The TP=1 shape of a Megatron logical tensor of this model."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-    for suffix, shape in ((EMBEDDING, (padded_vocab, h)), (OUTPUT, (padded_vocab, h)),
-                          ("layer_norm_weight", (h,)), ("final_layernorm.weight", (h,)),
-                          ("linear_qkv.weight", (qkv, h)), ("linear_qkv.bias", (qkv,)),
-                          ("linear_proj.weight", (h, cfg.num_heads * d)),
-                          ("linear_fc1.weight", (2 * cfg.ffn_hidden_size, h)),
-                          ("linear_fc2.weight", (h, cfg.ffn_hidden_size))):
-        if name.endswith(suffix):
-            return shape
-    raise MissingTensors("the runtime does not know this Megatron tensor", tensor=name,
-                         fix="this module is not supported by the bundled runtime")
 
 
 class RankFileShards:
@@ -169,7 +154,7 @@ def weight_getter(shards, cfg: ModelConfig, tp: int, padded_vocab: int, dtype: t
     """``get(name)``: this rank's slice, shape-checked, in the execution dtype and device."""
     def get(name: str) -> torch.Tensor:
         t = shards.get(name)
-        want = local_shape(tp_kind(name), logical_shape(name, cfg, padded_vocab), tp)
+        want = local_shape(tp_kind(name, cfg.gated), logical_shape(name, cfg, padded_vocab), tp)
         if tuple(t.shape) != tuple(want):
             raise LayoutError(f"this rank holds shape {tuple(t.shape)}, the config needs {tuple(want)} at TP={tp}",
                               path=shards.where, tensor=name,

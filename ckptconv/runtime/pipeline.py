@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .loader import weight_getter
-from .model import ModelChunk, attention_mask, rope_tables
+from .model import ModelChunk, Tables
 from .parallel import Parallel
 
 
@@ -41,9 +41,7 @@ def stage_forward(chunks: list[ModelChunk], ids: torch.Tensor, par: Parallel, hi
                   dtype: torch.dtype) -> torch.Tensor | None:
     """Run this rank's chunks; the padded logits [b, s, V_pad] on the last stage, else None."""
     b, s = ids.shape
-    cos, sin = rope_tables(chunks[0].cfg, s, par.device, dtype)
-    windows = {layer.window for c in chunks for layer in c.layers} | {None}
-    masks = {w: attention_mask(s, w, par.device) for w in windows}
+    tables = Tables(chunks[0].cfg, s, par.device, dtype)
     out = None
     for chunk in chunks:
         if chunk.first:
@@ -52,7 +50,7 @@ def stage_forward(chunks: list[ModelChunk], ids: torch.Tensor, par: Parallel, hi
             x = out
         else:
             x = par.recv_prev((b, s, hidden), dtype)
-        out = chunk(x, cos, sin, masks)
+        out = chunk(x, tables)
         if not chunk.last and par.pp > 1:
             par.send_next(out)
             out = None

@@ -50,10 +50,11 @@ class RunSpec:
         if self.native:
             return RankFileShards(Path(self.iter_dir), self.layout, tp_rank, pp_rank)
         if self.fmt in MEGATRON_READERS:
-            return LogicalShards(open_megatron_reader(Path(self.path), self.fmt, self.iteration), self.layout, tp_rank)
+            return LogicalShards(open_megatron_reader(Path(self.path), self.fmt, self.iteration), self.layout, tp_rank,
+                                 self.cfg.gated)
         source = open_hf_view(self.path, iteration=self.iteration, hf_config=self.hf_config)
         return wrap_or_close(source, lambda s: LogicalShards(HFAsMegatron(s, self.cfg, self.layout, self.padded_vocab),
-                                                             self.layout, tp_rank))
+                                                             self.layout, tp_rank, self.cfg.gated))
 
     def summary(self) -> dict:
         lay = self.layout

@@ -11,6 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
+from ..ops import get_op
 from .groups import Group, read_group
 from .pieces import Piece, PieceReader, row_pieces, runs_equal
 
@@ -50,6 +51,8 @@ class Walker:
         """Can this group be compared piecewise? (both sides hold every tensor, shapes agree)"""
         if g.tied or not g.names or any(n not in g.a or n not in g.b for n in g.names):
             return False
+        if self.space == "megatron" and g.mapping is not None and not get_op(g.op).row_wise:
+            return False                        # e.g. a transpose: output rows are not input rows
         for n in g.names:
             sa, sb = g.a[n].shape, g.b[n].shape
             if g.op == "vocab" and self.space == "megatron":
