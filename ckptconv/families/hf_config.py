@@ -77,7 +77,10 @@ def read_hf_config(family, hf: dict) -> ModelConfig:
 
 def write_hf_config(family, cfg: ModelConfig) -> dict:
     """A fresh HF config dict for ``cfg`` (used when the checkpoint carries none)."""
-    hf: dict = {"architectures": [family.hf_architectures[0]], "model_type": family.hf_model_types[0]}
+    hf: dict = {"architectures": [family.hf_architectures[0]], "model_type": family.hf_model_types[0],
+                # Megatron args do not know the tokenizer's special ids (a family default such as
+                # Phi-3's pad id 32000 may lie outside this model's vocabulary)
+                "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     for key, accepted in family.hf_required.items():
         _put(hf, key, accepted[0])
     if cfg.position == "rope":

@@ -134,6 +134,14 @@ def _arg(args, name, default=None):
     return default if v is None else v
 
 
+def _gelu(args):
+    """Megatron-LM's --openai-gelu: megatron-core's tanh-approximated GeLU; else exact GeLU."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.utils import openai_gelu
+
+    return openai_gelu if _arg(args, "openai_gelu", False) else F.gelu
+
+
 def _transformer_config(args, tp: int, pp: int, vpp):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -149,7 +157,7 @@ def _transformer_config(args, tp: int, pp: int, vpp):
         num_query_groups=groups,
         kv_channels=_arg(args, "kv_channels", args.hidden_size // heads),
         gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=F.silu if swiglu else _gelu(args),
         normalization=_arg(args, "normalization", "LayerNorm"),
         layernorm_epsilon=_arg(args, "norm_epsilon", 1e-5),
         add_bias_linear=bool(_arg(args, "add_bias_linear", True)),

@@ -108,3 +108,11 @@ def test_registry_has_every_family_once():
     assert list(FAMILIES) == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
     for f in FAMILIES.values():
         assert len({m for m in f.hf_architectures}) == len(f.hf_architectures)
+
+
+def test_families_doc_is_generated_from_the_tables():
+    from pathlib import Path
+    from ckptconv.families.doc import BEGIN, END, render
+    text = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
+    assert text[text.index(BEGIN): text.index(END) + len(END)] == render(), \
+        "docs/families.md is stale: run python -m ckptconv.families.doc"
