@@ -31,6 +31,11 @@ VARIANTS = {
                                                 "partial_rotary_factor": 0.5},
                          "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}),
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 4, "n_head": 8, "n_positions": 256, "vocab_size": 250}),
+    # small soft-caps and a query_pre_attn_scalar != head_dim so that each of them shows in the logits
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 5,
+                                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 5,
+                                    "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}),
 }
 NO_BASE = {"GPT2Config"}        # configs whose keys are not Llama's
 

@@ -28,6 +28,7 @@ from .. import errors
 from ..errors import CkptError, LayoutError
 from ..formats.detect import detect_format
 from ..formats.megatron import megatron_writer, open_megatron_reader
+from ..formats.megatron_args import gated_mlp
 from ..plan.megatron_layout import tp_kind
 from .megatron_as_hf import HF_ASSETS_DIR
 from .memory import release_freed_memory
@@ -60,7 +61,7 @@ def partition(sizes: dict, workers: int) -> list[list]:
 def file_sizes(plan) -> dict[tuple[int, int, int], int]:
     """Bytes of every output rank file ``(tp_rank, pp_rank, ep_rank)`` of a torch-format plan."""
     lay = plan.layout
-    gated = bool(getattr(plan.args, "swiglu", True))
+    gated = gated_mlp(plan.args)
     sizes = {k: 0 for k in lay.rank_files()}
     for m in plan.metas:
         kind = tp_kind(m.name, gated)
@@ -98,7 +99,7 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, rank: int = 0, wor
     from .reshard import VOCAB_ROWS, _repad
 
     kwargs = dict(args=plan.args, iteration=plan.iteration, impl=plan.impl, tie_copy=plan.tied,
-                  gated_mlp=bool(getattr(plan.args, "swiglu", True)), extra=dict(reader.meta))
+                  gated_mlp=gated_mlp(plan.args), extra=dict(reader.meta))
     share = shares(plan, ckpt_format, world)[rank] if world > 1 else None
     if share is None:
         writer = megatron_writer(ckpt_format, out, plan.layout, plan.metas, **kwargs)

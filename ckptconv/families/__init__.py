@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedFamily
 from .llama import LLAMA
+from .gemma import GEMMA2, GEMMA3
 from .gpt2 import GPT2
 from .mistral import MISTRAL
 from .phi3 import PHI3
@@ -12,7 +13,7 @@ from .schema import Family, Mapping, ModelConfig, Rule
 
 # Registration order matters for Megatron args without an HF config: the first family whose
 # fixed features fit the args is chosen (Llama before its window-capable Mistral).
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GPT2)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GPT2, GEMMA2, GEMMA3)}
 
 
 def family_by_name(name: str) -> Family:

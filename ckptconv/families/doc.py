@@ -27,6 +27,10 @@ VERIFIED = {
             "Megatron-Core save -> HF",
     "gpt2": "round trips; golden layout; runtime vs transformers; real Megatron-Core load + logits; real "
             "Megatron-Core save -> HF",
+    "gemma2": "round trips; golden layout (Megatron-Bridge names); runtime vs transformers (soft-caps, "
+              "alternating windows); not loadable by Megatron-Core 0.16.1 (see below)",
+    "gemma3": "round trips; golden layout (Megatron-Bridge names); runtime vs transformers (q/k norm, two RoPE "
+              "bases, window pattern); not loadable by Megatron-Core 0.16.1 (see below)",
 }
 
 

@@ -81,11 +81,10 @@ def write_hf_config(family, cfg: ModelConfig) -> dict:
                 # Megatron args do not know the tokenizer's special ids (a family default such as
                 # Phi-3's pad id 32000 may lie outside this model's vocabulary)
                 "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if cfg.position == "rope" and "rope_theta" not in family.hf_keys:     # else the family places it
+        hf["rope_parameters"] = {**(cfg.rope_scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta}
     for key, accepted in family.hf_required.items():
         _put(hf, key, accepted[0])
-    if cfg.position == "rope":
-        rope = {**(cfg.rope_scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta}
-        hf["rope_parameters"] = rope
     for name, spec in family.hf_keys.items():
         value = getattr(cfg, name)
         if value is not None:

@@ -20,7 +20,7 @@ from ..errors import CorruptCheckpoint, LayoutError, MissingTensors, Unsupported
 from ..plan.experts import missing_experts
 from ..plan.megatron_layout import MegatronLayout, local_shape, tp_kind, tp_pieces
 from ..types import TensorMeta
-from .megatron_args import layout_from_args
+from .megatron_args import gated_mlp, layout_from_args
 from .megatron_names import expert_form, extra_state_keys, is_extra_state, to_canonical, to_impl
 from .safe_pickle import TorchFile
 from .torch_save_stream import StreamingTorchSave, TensorSlot
@@ -232,7 +232,7 @@ class MegatronTorchReader(ClosesOnExit):
         self.expert_form = form
 
     def kind(self, name: str) -> str:
-        return tp_kind(name, gated_mlp=bool(getattr(self.args, "swiglu", True)))
+        return tp_kind(name, gated_mlp=gated_mlp(self.args))
 
     def tensors(self) -> dict[str, TensorMeta]:
         return dict(self._metas)

@@ -15,7 +15,7 @@ from ckptconv.runtime import logits
 from helpers import assert_same_hf, assert_same_rank_models, run
 from tiny_models import hf_logits, tokens
 
-NEW = ["qwen3", "qwen3-tied", "phi3", "gpt2", "mistral-window", "qwen2-window"]
+NEW = ["qwen3", "qwen3-tied", "phi3", "gpt2", "mistral-window", "qwen2-window", "gemma2", "gemma3"]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 IDS = tokens(vocab=250, batch=2, seq=16, seed=3)       # seq 16 > window 5: windows matter
 
@@ -39,7 +39,7 @@ def test_round_trip_bf16_bit_exact(hf_model_dir, tmp_path, variant, fmt):
     assert_same_hf(src, tmp_path / "hf", config=True)
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "phi3", "gpt2"])
+@pytest.mark.parametrize("variant", ["qwen3", "phi3", "gpt2", "gemma2", "gemma3"])
 def test_reshard_round_trip_exact(hf_model_dir, tmp_path, variant):
     src = hf_model_dir(variant)
     hf_to_megatron(src, tmp_path / "a", tp=2, pp=2, ckpt_format="torch", show_progress=False)
@@ -63,7 +63,7 @@ def ref(hf_model_dir):
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
-@pytest.mark.parametrize("variant", ["qwen3", "phi3", "gpt2", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("variant", ["qwen3", "phi3", "gpt2", "mistral-window", "qwen2-window", "gemma2", "gemma3"])
 def test_runtime_matches_transformers(hf_model_dir, ref, tmp_path, variant, tp, pp):
     hf_to_megatron(hf_model_dir(variant), tmp_path / "mg", tp=tp, pp=pp, ckpt_format="torch", show_progress=False)
     got = logits(tmp_path / "mg", IDS, timeout_s=300)
@@ -86,7 +86,8 @@ def test_runtime_window_is_not_full_attention(hf_model_dir, ref):
     assert (hf_logits(full, IDS) - ref("mistral-window")).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("variant,family", [("qwen3", "qwen3"), ("phi3", "phi3"), ("gpt2", "gpt2")])
+@pytest.mark.parametrize("variant,family", [("qwen3", "qwen3"), ("phi3", "phi3"), ("gpt2", "gpt2"), ("gemma2", "gemma2"),
+                                            ("gemma3", "gemma3")])
 def test_inspect_names_the_family(hf_model_dir, tmp_path, variant, family):
     src = hf_model_dir(variant)
     hf_to_megatron(src, tmp_path / "mg", tp=2, ckpt_format="torch", show_progress=False)

@@ -127,3 +127,28 @@ def test_gpt2_layout(written):
     check_vocab_rows(first, last, hf["transformer.wte.weight"], None, True)     # tied: last stage's copy
     assert (args.normalization, args.position_embedding_type) == ("LayerNorm", "learned_absolute")
     assert args.add_bias_linear and not args.swiglu and args.openai_gelu and not args.group_query_attention
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_gemma_layout(written, variant):
+    """Megatron-Bridge's names: post_attention_layernorm -> linear_proj.post_layernorm,
+    pre_feedforward_layernorm -> linear_fc1.layer_norm_weight (local: pre_mlp_layernorm),
+    post_feedforward_layernorm -> linear_fc2.post_layernorm; norm weights w stored as is (both
+    compute x_hat * (1 + w)); q/k grouped as for Llama (head_dim 16); tied embeddings."""
+    hf, first, last, args = written(variant)
+    p = "model.layers.2."
+    want = grouped_qkv(hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"],
+                       hf[p + "self_attn.v_proj.weight"], 4, 2, 16, (2, 3))
+    assert torch.equal(last[L0 + "self_attention.linear_qkv.weight"], want)
+    for mg, name in (("input_layernorm", "input_layernorm"),
+                     ("self_attention.linear_proj.post_layernorm", "post_attention_layernorm"),
+                     ("pre_mlp_layernorm", "pre_feedforward_layernorm"),
+                     ("mlp.linear_fc2.post_layernorm", "post_feedforward_layernorm")):
+        assert torch.equal(last[f"{L0}{mg}.weight"], hf[f"{p}{name}.weight"]), mg
+    gate, up = hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]
+    assert torch.equal(last[L0 + "mlp.linear_fc1.weight"], torch.cat([gate[64:], up[64:]]))
+    check_vocab_rows(first, last, hf["model.embed_tokens.weight"], None, True)
+    assert args.layernorm_zero_centered_gamma and args.gated_linear_unit and args.openai_gelu and not args.swiglu
+    assert (L0 + "self_attention.q_layernorm.weight" in last) == (variant == "gemma3")
+    if variant == "gemma3":
+        assert torch.equal(last[L0 + "self_attention.q_layernorm.weight"], hf[p + "self_attn.q_norm.weight"])

@@ -32,7 +32,7 @@ def args_of(cfg):
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gpt2",
-                                     "mistral-window", "qwen2-window"])
+                                     "mistral-window", "qwen2-window", "gemma2", "gemma3"])
 def test_every_rule_op_inverts_exactly(variant):
     cfg = config_from_hf(hf_config(variant))
     ctx = OpContext(cfg, 256)
@@ -65,7 +65,7 @@ def test_fused_ops_are_not_plain_concatenation():
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3", "phi3", "gpt2", "mistral-window",
-                                     "qwen2-window"])
+                                     "qwen2-window", "gemma2", "gemma3"])
 def test_args_round_trip_without_hf_config(variant):
     """Megatron args alone (no carried HF config) give back the same family and architecture."""
     cfg = config_from_hf(hf_config(variant))
@@ -96,6 +96,18 @@ def test_alternating_window_pattern_uses_megatron_skip_frequency():
         assert windows_from_args(a, len(w)) == w
 
 
+def test_gemma_args_record_what_megatron_core_lacks():
+    g2 = args_of(config_from_hf(hf_config("gemma2")))
+    assert g2.layernorm_zero_centered_gamma and g2.apply_layernorm_1p and g2.gated_linear_unit and g2.openai_gelu
+    assert not g2.swiglu and g2.kv_channels == 16 and g2.softmax_scale == 24 ** -0.5
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (2.0, 3.0, 24.0)
+    assert g2.window_size == (4, 0) and g2.window_attn_skip_freq == 2          # Gemma 2 alternates
+    assert g2.ckptconv_sandwich_norms and g2.ckptconv_embedding_scale
+    g3 = args_of(config_from_hf(hf_config("gemma3")))
+    assert g3.qk_layernorm and (g3.rotary_base, g3.rope_local_base_freq) == (1e6, 1e4)
+    assert g3.window_attn_skip_freq == 4 and g3.attn_logit_softcapping is None
+
+
 def test_window_no_family_can_state_is_refused_naming_the_flag():
     cfg = config_from_hf(hf_config("llama-gqa"))
     a = args_of(cfg)
@@ -105,7 +117,7 @@ def test_window_no_family_can_state_is_refused_naming_the_flag():
 
 
 def test_registry_has_every_family_once():
-    assert list(FAMILIES) == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
+    assert list(FAMILIES) == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2", "gemma3"]
     for f in FAMILIES.values():
         assert len({m for m in f.hf_architectures}) == len(f.hf_architectures)
 
