@@ -48,12 +48,19 @@ def windows_from_args(args: Any, layers: int) -> tuple:
     size = getattr(args, "window_size", None)
     if not size:
         return ()
-    left, right = (int(x) for x in size)
+    try:
+        left, right = (int(x) for x in size)
+    except (TypeError, ValueError):
+        left, right = -1, -1
     if right != 0 or left < 0:
-        raise UnsupportedFamily(f"window_size={tuple(size)} is not a causal sliding window", fix="pass --hf-config")
+        raise UnsupportedFamily(f"args window_size={size!r} is not a causal sliding window (left, 0)",
+                                fix="convert a model with a causal window, or pass --hf-config")
     skip = getattr(args, "window_attn_skip_freq", None)
     flags = ([1] * layers if skip is None else
              [int((i + 1) % int(skip) != 0) for i in range(layers)] if isinstance(skip, int) else list(skip))
+    if len(flags) != layers:
+        raise UnsupportedFamily(f"args window_attn_skip_freq has {len(flags)} entries for {layers} layers",
+                                fix="the checkpoint's args are inconsistent; pass --hf-config")
     return tuple(left + 1 if f else None for f in flags)
 
 
@@ -113,7 +120,6 @@ FROM_ARGS = {
     "sandwich_norm": lambda a: bool(getattr(a, "ckptconv_sandwich_norms", False)),
     "embedding_scale": lambda a: bool(getattr(a, "ckptconv_embedding_scale", False)),
 }
-REFUSED_ARGS = ("squared_relu", "apply_residual_connection_post_layernorm", "rotary_interleaved")
 
 
 def _rope_scaling_args(cfg: ModelConfig) -> dict:

@@ -33,7 +33,8 @@ def test_partial_rotary_is_mapped_or_refused(tmp_path):
     r = run("megatron-to-hf", src, tmp_path / "hf")
     if r.exit_code == 0:        # mapped: the HF config must say so
         cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-        assert cfg.get("partial_rotary_factor") == 0.5, cfg
+        factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+        assert factor == 0.5 and cfg["architectures"] == ["Phi3ForCausalLM"], cfg
     else:
         one_line_error(r, "rotary_percent=0.5", "Fix:")
         assert not (tmp_path / "hf").exists()

@@ -91,12 +91,19 @@ MODEL_FIELDS = sorted(MAPPED - {"tensor_model_parallel_size", "pipeline_model_pa
                                 "group_query_attention", "use_rope_scaling"})
 
 
+# fields that act only together with another one (Megatron-Core ignores them otherwise)
+_GPT2 = {"swiglu": False, "normalization": "LayerNorm", "add_bias_linear": True,
+         "position_embedding_type": "learned_absolute", "openai_gelu": True, "gated_linear_unit": False}
+COMPANIONS = {"gated_linear_unit": _GPT2, "openai_gelu": _GPT2, "window_attn_skip_freq": {"window_size": (4, 0)}}
+
+
 @pytest.mark.parametrize("field", MODEL_FIELDS)
 def test_mapped_field_is_read(real_args, field):
     """Changing a mapped model field changes the config read, or is refused: it is not ignored.
     (The layout fields are exercised by every reshard test; group_query_attention and
     use_rope_scaling gate num_query_groups / rope_scaling_factor, perturbed with them.)"""
-    args = argparse.Namespace(**{**vars(real_args), "use_rope_scaling": True, "group_query_attention": True})
+    args = argparse.Namespace(**{**vars(real_args), "use_rope_scaling": True, "group_query_attention": True,
+                                 **COMPANIONS.get(field, {})})
     if field == "rope_scaling_factor":
         args.rope_scaling_factor = 8.0
     base = asdict(config_from_args(args))
