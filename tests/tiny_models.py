@@ -30,6 +30,13 @@ VARIANTS = {
     "phi3": ("Phi3Config", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                 "partial_rotary_factor": 0.5},
                          "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48,
+                                  "sliding_window": None}),
+    "qwen2-moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                     "shared_expert_intermediate_size": 40, "mlp_only_layers": [0],
+                                     "norm_topk_prob": False}),
+    "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                     "norm_topk_prob": True, "head_dim": 16}),
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 4, "n_head": 8, "n_positions": 256, "vocab_size": 250}),
     # small soft-caps and a query_pre_attn_scalar != head_dim so that each of them shows in the logits
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 5,
@@ -52,6 +59,8 @@ def build_model(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32)
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".mlp.gate.weight"):     # MoE router: decisive top-k, no near-ties
+                p.mul_(10.0)
     return model.to(dtype).eval()
 
 

@@ -29,6 +29,12 @@ def parse_iteration(value: str) -> int | str:
               help="Layers on the first pipeline stage (uneven pipeline).")
 @click.option("--decoder-last-pipeline-num-layers", "last_stage_layers", type=int, default=None,
               help="Layers on the last pipeline stage (uneven pipeline).")
+@click.option("--ep", type=int, default=1, show_default=True,
+              help="Expert-parallel degree (Mixture-of-Experts models; must divide the number of experts).")
+@click.option("--etp", type=int, default=1, show_default=True,
+              help="Expert tensor-parallel degree (must divide TP; Megatron-LM's default is 1).")
+@click.option("--moe-grouped-gemm", is_flag=True,
+              help="Per-rank output names experts the grouped-GEMM way (mlp.experts.linear_fc1.weight<j>).")
 @click.option("--ckpt-format", type=click.Choice(sorted(WRITERS)), default="torch_dist", show_default=True,
               help="torch_dist: Megatron-Core distributed checkpoint (loads at any TP/PP); torch: per-rank files.")
 @click.option("--transformer-impl", type=click.Choice(IMPLS), default="transformer_engine", show_default=True,
@@ -45,13 +51,13 @@ def parse_iteration(value: str) -> int | str:
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, tp, pp, vpp, first_stage_layers, last_stage_layers, ckpt_format, transformer_impl, dtype,
+def command(src, dst, tp, pp, vpp, first_stage_layers, last_stage_layers, ep, etp, moe_grouped_gemm, ckpt_format, transformer_impl, dtype,
             divisible_by, iteration, cache_dir, download, dry_run, overwrite, allow_nonfinite, as_json):
     """Convert a Hugging Face checkpoint (directory, or hf://org/name from the hub cache) to Megatron-Core."""
     summary = hf_to_megatron(src, dst, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl, dtype=dtype_arg(dtype),
                              divisible_by=divisible_by, iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
                              overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
                              show_progress=not as_json, cache_dir=cache_dir, download=download, first_stage_layers=first_stage_layers,
-                             last_stage_layers=last_stage_layers)
+                             last_stage_layers=last_stage_layers, ep=ep, etp=etp, moe_grouped_gemm=moe_grouped_gemm)
     text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")
     emit(summary, as_json, text)

@@ -36,12 +36,14 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                        divisible_by: int = 128, iteration: int | str = "release", ckpt_format: str = "torch_dist",
                        overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
                        show_progress: bool = True, first_stage_layers: int | None = None,
-                       last_stage_layers: int | None = None) -> dict:
+                       last_stage_layers: int | None = None, ep: int = 1, etp: int = 1,
+                       moe_grouped_gemm: bool = False) -> dict:
     """Write an HF-named source (HF, DeepSpeed, ... see ckptconv.sources) as a Megatron checkpoint."""
     hf_cfg = source.config()
     family = family_for_hf(hf_cfg, Path(source.path) / "config.json")
     cfg = family.from_hf_config(hf_cfg)
-    layout = MegatronLayout(tp, pp, cfg.num_layers, vpp, first_stage_layers, last_stage_layers)
+    layout = MegatronLayout(tp, pp, cfg.num_layers, vpp, first_stage_layers, last_stage_layers,
+                            cfg.num_experts, ep, etp)
     padded = pad_vocab_size(cfg.vocab_size, divisible_by, tp)
     plan = plan_hf_to_megatron(family, cfg, source.tensors(), layout, padded, dtype)
     summary = {"source": str(source.path), "destination": str(dst), "format": f"megatron_{ckpt_format}",
@@ -54,7 +56,8 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
         return summary
     main_dtype = dtype or plan.items[0].megatron.dtype
     args = build_args(cfg, layout, padded_vocab=padded, divisible_by=divisible_by, dtype=main_dtype,
-                      impl=impl, iteration=0 if iteration == "release" else int(iteration))
+                      impl=impl, iteration=0 if iteration == "release" else int(iteration),
+                      grouped_gemm=moe_grouped_gemm)
     extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
     fingerprints = ManifestBuilder.for_hf_config(hf_cfg)
     with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:

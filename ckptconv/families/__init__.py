@@ -6,14 +6,18 @@ from .llama import LLAMA
 from .gemma import GEMMA2, GEMMA3
 from .gpt2 import GPT2
 from .mistral import MISTRAL
+from .mixtral import MIXTRAL
 from .phi3 import PHI3
 from .qwen2 import QWEN2
+from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
+from .qwen3_moe import QWEN3_MOE
 from .schema import Family, Mapping, ModelConfig, Rule
 
 # Registration order matters for Megatron args without an HF config: the first family whose
 # fixed features fit the args is chosen (Llama before its window-capable Mistral).
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GPT2, GEMMA2, GEMMA3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GPT2, GEMMA2, GEMMA3,
+                                                    MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
 
 
 def family_by_name(name: str) -> Family:

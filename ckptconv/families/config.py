@@ -46,6 +46,15 @@ class ModelConfig:
     rotary_percent: float = 1.0             # fraction of each head's dims that RoPE rotates
     rope_local_theta: float | None = None   # RoPE base of sliding-window layers (Gemma 3)
     layer_windows: tuple = ()               # per layer: sliding window W (attend to delta < W) or None
+    # -- Mixture of Experts (num_experts None: a dense model) --------------------------
+    num_experts: int | None = None          # routed experts per MoE layer
+    moe_topk: int | None = None             # experts each token is routed to
+    moe_ffn_hidden_size: int | None = None  # one expert's FFN size
+    moe_norm_topk: bool = True              # softmax over the chosen k (Mixtral) vs top-k of softmax over all
+    shared_expert_size: int | None = None   # FFN size of the always-on shared expert (Qwen2-MoE)
+    shared_expert_gate: bool = False        # shared expert scaled by sigmoid(gate . x)
+    moe_sparse_step: int = 1                # HF decoder_sparse_step: layer i is MoE when (i + 1) % step == 0 ...
+    moe_dense_layers: tuple = ()            # ... and i is not one of these (HF mlp_only_layers)
 
     @property
     def q_per_group(self) -> int:
@@ -58,8 +67,14 @@ class ModelConfig:
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` is a Mixture-of-Experts layer (HF Qwen2-MoE's rule)."""
+        return bool(self.num_experts) and layer not in tuple(self.moe_dense_layers) \
+            and (layer + 1) % int(self.moe_sparse_step or 1) == 0
+
 
 FEATURES = tuple(f.name for f in fields(ModelConfig)
                  if f.name in ("qkv_bias", "norm", "norm_offset", "activation", "gated", "linear_bias", "position",
                                "qk_norm", "sandwich_norm", "embedding_scale", "attn_softcap", "final_softcap",
-                               "query_pre_attn_scalar", "rotary_percent", "rope_local_theta"))
+                               "query_pre_attn_scalar", "rotary_percent", "rope_local_theta",
+                               "num_experts", "moe_norm_topk", "shared_expert_size", "shared_expert_gate"))

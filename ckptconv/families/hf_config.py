@@ -13,7 +13,8 @@ from .config import FREE, ModelConfig
 
 _TYPES = {f.name: f.type for f in fields(ModelConfig)}
 _HAS_DEFAULT = {f.name: f.default is not MISSING or f.default_factory is not MISSING for f in fields(ModelConfig)}
-_CAST = {"int": int, "float": float, "bool": bool, "float | None": lambda v: None if v is None else float(v)}
+_CAST = {"int": int, "float": float, "bool": bool, "float | None": lambda v: None if v is None else float(v),
+         "int | None": lambda v: None if v is None else int(v), "tuple": tuple}
 
 
 def _get(hf: dict, key: str):

@@ -28,7 +28,7 @@ class Rule:
     megatron: str
     hf: tuple[str, ...]
     op: str = "identity"
-    when: str | None = None      # name of a ModelConfig predicate in CONDITIONS
+    when: str | None = None      # name of a predicate in CONDITIONS (or, per layer, LAYER_CONDITIONS)
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,17 @@ CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
     "sandwich_norm": lambda c: c.sandwich_norm,
 }
 
+# Conditions of one decoder layer (cfg, layer index): dense MLP vs Mixture-of-Experts layers.
+LAYER_CONDITIONS: dict[str, Callable[[ModelConfig, int], bool]] = {
+    "moe_layer": lambda c, i: c.is_moe_layer(i),
+    "dense_layer": lambda c, i: not c.is_moe_layer(i),
+    "moe_shared_expert": lambda c, i: c.is_moe_layer(i) and bool(c.shared_expert_size),
+    "moe_shared_expert_gate": lambda c, i: c.is_moe_layer(i) and bool(c.shared_expert_size) and c.shared_expert_gate,
+}
+
 # Index variables a rule pattern may use, and how many values each takes for a model.
-INDEX_RANGES: dict[str, Callable[[ModelConfig], int]] = {"i": lambda c: c.num_layers}
+INDEX_RANGES: dict[str, Callable[[ModelConfig], int]] = {"i": lambda c: c.num_layers,
+                                                         "e": lambda c: c.num_experts or 0}
 _VARS = re.compile(r"\{(\w+)\}")
 
 
@@ -91,13 +100,15 @@ class Family:
 
     def expand(self, cfg: ModelConfig) -> list[Mapping]:
         """Every concrete mapping for this model, in Megatron state_dict order."""
-        def keep(r: Rule) -> bool:
+        def keep(r: Rule, i: int | None = None) -> bool:
+            if r.when in LAYER_CONDITIONS:
+                return LAYER_CONDITIONS[r.when](cfg, i)
             return r.when is None or CONDITIONS[r.when](cfg)
         head = [r for r in self.global_rules if keep(r) and r.megatron.startswith("embedding.")]
         tail = [r for r in self.global_rules if keep(r) and not r.megatron.startswith("embedding.")]
         out = [m for r in head for m in expand_rule(r, cfg)]
         for i in range(cfg.num_layers):
-            out += [m for r in self.layer_rules if keep(r) for m in expand_rule(r, cfg, i=i)]
+            out += [m for r in self.layer_rules if keep(r, i) for m in expand_rule(r, cfg, i=i)]
         return out + [m for r in tail for m in expand_rule(r, cfg)]
 
     def from_hf_config(self, hf: dict) -> ModelConfig:

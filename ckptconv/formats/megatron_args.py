@@ -88,7 +88,58 @@ TO_ARGS = {
     # what Megatron-Core 0.16.1 cannot express at all (see docs/families.md): recorded for users
     "ckptconv_sandwich_norms": lambda c: c.sandwich_norm,
     "ckptconv_embedding_scale": lambda c: c.embedding_scale,
+    # Mixture of Experts (None / defaults for a dense model)
+    "num_experts": lambda c: c.num_experts,
+    "moe_router_topk": lambda c: c.moe_topk if c.num_experts else 2,
+    "moe_ffn_hidden_size": lambda c: c.moe_ffn_hidden_size,
+    "moe_router_pre_softmax": lambda c: bool(c.num_experts) and not c.moe_norm_topk,
+    "moe_shared_expert_intermediate_size": lambda c: c.shared_expert_size if c.num_experts else None,
+    "moe_shared_expert_gate": lambda c: bool(c.num_experts and c.shared_expert_size and c.shared_expert_gate),
+    "moe_layer_freq": lambda c: moe_layer_freq(c),
 }
+
+
+def moe_layer_freq(cfg: ModelConfig):
+    """Megatron-LM's moe_layer_freq: 1 when every layer is an MoE layer, else the per-layer pattern."""
+    pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    return 1 if all(pattern) or not cfg.num_experts else pattern
+
+
+# MoE fields and the values they have in a dense model (Megatron-LM's defaults)
+MOE_DENSE_DEFAULTS = {"moe_router_topk": 2, "moe_ffn_hidden_size": None, "moe_router_pre_softmax": False,
+                      "moe_shared_expert_intermediate_size": None, "moe_shared_expert_gate": False,
+                      "moe_layer_freq": 1}
+
+
+def check_moe_args(args: Any) -> None:
+    """MoE fields are consistent: a number of experts, and no MoE setting in a dense model."""
+    n = getattr(args, "num_experts", None)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise UnsupportedFamily(f"args num_experts={n!r} is not a positive number of experts",
+                                fix="the checkpoint's args are inconsistent")
+    if n is None:
+        odd = {k: getattr(args, k) for k, v in MOE_DENSE_DEFAULTS.items() if getattr(args, k, v) != v}
+        if odd:
+            k = next(iter(odd))
+            raise UnsupportedFamily(f"args {k}={odd[k]!r} is a Mixture-of-Experts setting, but num_experts is not set",
+                                    fix="the checkpoint's args are inconsistent: set num_experts or drop the MoE fields")
+    freq = getattr(args, "moe_layer_freq", 1)
+    if n and not (isinstance(freq, int) and freq >= 1 or isinstance(freq, (list, tuple))
+                  and all(v in (0, 1) for v in freq)):
+        raise UnsupportedFamily(f"args moe_layer_freq={freq!r} is neither a layer frequency nor a 0/1 pattern",
+                                fix="the checkpoint's args are inconsistent")
+
+
+def moe_dense_layers(args: Any) -> tuple:
+    """The dense layers of an MoE model from moe_layer_freq (int N: layer i is MoE when i % N == 0)."""
+    if not getattr(args, "num_experts", None):
+        return ()
+    freq, layers = getattr(args, "moe_layer_freq", 1) or 1, int(args.num_layers)
+    pattern = [int(i % int(freq) == 0) for i in range(layers)] if isinstance(freq, int) else list(freq)
+    if len(pattern) != layers:
+        raise UnsupportedFamily(f"moe_layer_freq has {len(pattern)} entries for {layers} layers",
+                                fix="the checkpoint's args are inconsistent")
+    return tuple(i for i, v in enumerate(pattern) if not v)
 
 def _position(args: Any) -> str:
     """position_embedding_type; Megatron-DeepSpeed pickles an enum there, so its booleans decide."""
@@ -119,6 +170,15 @@ FROM_ARGS = {
     "rope_local_theta": lambda a: getattr(a, "rope_local_base_freq", None),
     "sandwich_norm": lambda a: bool(getattr(a, "ckptconv_sandwich_norms", False)),
     "embedding_scale": lambda a: bool(getattr(a, "ckptconv_embedding_scale", False)),
+    "num_experts": lambda a: int(a.num_experts) if getattr(a, "num_experts", None) else None,
+    "moe_topk": lambda a: int(getattr(a, "moe_router_topk", 2) or 2) if getattr(a, "num_experts", None) else None,
+    "moe_ffn_hidden_size": lambda a: (int(getattr(a, "moe_ffn_hidden_size", None) or a.ffn_hidden_size)
+                                      if getattr(a, "num_experts", None) else None),
+    "moe_norm_topk": lambda a: not getattr(a, "moe_router_pre_softmax", False),
+    "shared_expert_size": lambda a: getattr(a, "moe_shared_expert_intermediate_size", None)
+    if getattr(a, "num_experts", None) else None,
+    "shared_expert_gate": lambda a: bool(getattr(a, "moe_shared_expert_gate", False)),
+    "moe_dense_layers": moe_dense_layers,
 }
 
 
@@ -135,7 +195,7 @@ def _rope_scaling_args(cfg: ModelConfig) -> dict:
 
 
 def build_args(cfg: ModelConfig, layout: MegatronLayout, *, padded_vocab: int, divisible_by: int,
-               dtype: torch.dtype, impl: str, iteration: int) -> argparse.Namespace:
+               dtype: torch.dtype, impl: str, iteration: int, grouped_gemm: bool = False) -> argparse.Namespace:
     gqa = cfg.num_kv_heads != cfg.num_heads
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
@@ -151,7 +211,9 @@ def build_args(cfg: ModelConfig, layout: MegatronLayout, *, padded_vocab: int, d
         num_layers_per_virtual_pipeline_stage=(cfg.num_layers // (layout.pp * layout.vpp)) if layout.vpp else None,
         decoder_first_pipeline_num_layers=layout.first_stage_layers,
         decoder_last_pipeline_num_layers=layout.last_stage_layers,
-        expert_model_parallel_size=1, num_experts=None,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
+        moe_grouped_gemm=grouped_gemm, moe_router_score_function="softmax", moe_token_dispatcher_type="allgather",
+        moe_expert_capacity_factor=None,
         transformer_impl=impl, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tokenizer_type="HuggingFaceTokenizer", ckpt_format="torch", iteration=iteration,
         consumed_train_samples=0, consumed_valid_samples=0,
@@ -192,6 +254,11 @@ def config_from_args(args: Any, hf_config: dict | None = None, *, check_fields: 
         raise UnsupportedFamily(f"this Megatron model is a Mixture-of-Experts (num_experts={args.num_experts}) and "
                                 "no MoE family is known yet", fix="reshard and inspect work on it; HF export and verify of MoE "
                                 "checkpoints needs the Mixtral / Qwen-MoE families")
+    check_moe_args(args)
+    refused = [k for k in REFUSED_ARGS if getattr(args, k, False)]
+    if refused:
+        raise UnsupportedFamily(f"args {refused[0]}=True has no counterpart in the supported families",
+                                fix="convert a model without it")
     heads = int(args.num_attention_heads)
     groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
     vocab = getattr(args, "vocab_size", None) or int(args.padded_vocab_size)

@@ -40,6 +40,8 @@ MAPPED = _names("""
     virtual_pipeline_model_parallel_size vocab_size
     apply_layernorm_1p gated_linear_unit layernorm_zero_centered_gamma openai_gelu position_embedding_type
     qk_layernorm rotary_percent window_attn_skip_freq window_size
+    num_experts moe_router_topk moe_ffn_hidden_size moe_router_pre_softmax moe_layer_freq
+    moe_shared_expert_intermediate_size moe_shared_expert_gate
 """)
 
 # field -> the values the readers' assumptions hold for (Megatron-LM's default unless noted)
@@ -76,21 +78,15 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'mamba_state_dim': (128,),
     'moe_apply_probs_on_input': (False,),
     'moe_expert_capacity_factor': (None,),
-    'moe_ffn_hidden_size': (None,),
     'moe_input_jitter_eps': (None,),
     'moe_latent_size': (None,),
-    'moe_layer_freq': (1,),
     'moe_pad_expert_input_to_capacity': (False,),
     'moe_router_dtype': (None,),
     'moe_router_enable_expert_bias': (False,),
     'moe_router_group_topk': (None,),
     'moe_router_num_groups': (None,),
-    'moe_router_pre_softmax': (False,),
     'moe_router_score_function': ('softmax',),
-    'moe_router_topk': (2,),
     'moe_router_topk_scaling_factor': (None,),
-    'moe_shared_expert_gate': (False,),
-    'moe_shared_expert_intermediate_size': (None,),
     'moe_token_drop_policy': ('probs',),
     'mrope_section': (None,),
     'mscale': (1.0,),
@@ -98,7 +94,6 @@ REFUSED_UNLESS: dict[str, tuple] = {
     'mtp_num_layers': (None,),
     'multi_latent_attention': (False,),
     'no_rope_freq': (None,),
-    'num_experts': (None,),
     'num_experts_per_tok': (None,),
     'pipeline_model_parallel_layout': (None,),
     'q_lora_rank': (None,),

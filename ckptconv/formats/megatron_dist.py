@@ -17,6 +17,7 @@ model tensors; they are listed in `common` / `other_state`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -37,32 +38,53 @@ from .closing import ClosesOnExit
 
 COMMON_FILE = "common.pt"
 BACKEND = "torch_dist"
-STACKED = re.compile(r"^decoder\.layers\.(?!\d)(.+)$")
 SHARD = re.compile(r"^(?P<key>[^/]+)/shard_(?P<offset>[\d.]+)_(?P<shape>[\d.]+)$")
-# experts: `mlp.experts.experts.<param>` with a global expert axis after the layer axis, or one key
-# per expert (`mlp.experts.experts.{g}.<param>`, singleton_local_shards=True)
+# A decoder key is stacked over layers (`decoder.layers.<module>`, leading layer axis) or, in models
+# with dense and MoE layers mixed, per layer (`decoder.layers.{i}.<module>`). Experts are
+# `mlp.experts.experts.<param>` with a GLOBAL expert axis next (after the layer axis if any), or one
+# key per expert (`mlp.experts.experts.{g}.<param>`, singleton_local_shards=True).
+DECODER = re.compile(r"^decoder\.layers\.(?:(?P<layer>\d+)\.)?(?P<rest>.+)$")
 EXPERTS = re.compile(r"^mlp\.experts\.experts\.(?:(?P<g>\d+)\.)?(?P<rest>.+)$")
 
 
-def _logical(stacked: str, layer: int, expert: int | None = None) -> str:
-    """The logical per-layer (per-expert) name of a stacked key's entry."""
-    m = EXPERTS.match(stacked)
+def leading_axes(key: str) -> tuple[str, ...]:
+    """The axes a stored key has before its logical tensor's: ("layer",), ("layer", "expert"), ("expert",)."""
+    m = DECODER.match(key)
     if m is None:
-        return f"decoder.layers.{layer}.{stacked}"
-    g = int(m.group("g")) if m.group("g") is not None else expert
-    return f"decoder.layers.{layer}.mlp.experts.local_experts.{g}.{m.group('rest')}"
+        return ()
+    e = EXPERTS.match(m.group("rest"))
+    return (("layer",) if m.group("layer") is None else ()) + (("expert",) if e and e.group("g") is None else ())
 
 
-def stacked_key(name: str) -> tuple[str, tuple[int, ...]] | None:
-    """Inverse of ``_logical``: a logical per-layer name -> (stored key, leading index: (layer,) or
-    (layer, global expert)); None for tensors outside the decoder layers."""
+def logical_name(key: str, index: tuple[int, ...] = ()) -> str:
+    """The logical name (global layer, global expert) of the entry at ``index`` of the leading axes of ``key``."""
+    m = DECODER.match(key)
+    if m is None:
+        return key
+    idx = list(index)
+    layer = int(m.group("layer")) if m.group("layer") is not None else idx.pop(0)
+    e = EXPERTS.match(m.group("rest"))
+    if e is None:
+        return to_canonical(f"decoder.layers.{layer}.{m.group('rest')}")
+    g = int(e.group("g")) if e.group("g") is not None else idx.pop(0)
+    return f"decoder.layers.{layer}.mlp.experts.local_experts.{g}.{e.group('rest')}"
+
+
+def stacked_key(name: str, per_layer: bool = False) -> tuple[str, tuple[int, ...]] | None:
+    """Inverse of ``logical_name``: a logical per-layer name -> (stored key, index on its leading
+    axes); ``per_layer``: the per-layer keys of models mixing dense and MoE layers. None for
+    tensors outside the decoder layers."""
     m = LAYER_RE.match(name)
     if m is None:
         return None
+    layer = int(m.group(1))
+    stem = f"decoder.layers.{layer}." if per_layer else "decoder.layers."
+    lead = () if per_layer else (layer,)
     e = EXPERT_RE.match(name)
     if e:
-        return f"decoder.layers.mlp.experts.experts{e.group('tail')}", (int(m.group(1)), int(e.group("e")))
-    return f"decoder.layers.{m.group(2)}", (int(m.group(1)),)
+        return f"{stem}mlp.experts.experts{e.group('tail')}", (*lead, int(e.group("e")))
+    return f"{stem}{m.group(2)}", lead
+
 # top-level groups of Megatron-LM training state; never model weights
 TRAINING_STATE = ("optimizer", "rng_state", "opt_param_scheduler", "rerun_state_machine")
 
@@ -140,36 +162,28 @@ class MegatronDistReader(ClosesOnExit):
                 self.sharded_state.setdefault(group, []).append(key)
                 continue
             shape, dtype = tuple(md.size), md.properties.dtype
-            m = STACKED.match(key)
-            if m is None:
-                self._add(to_canonical(key), key, (), shape, dtype)
-                continue
-            e = EXPERTS.match(m.group(1))
-            lead = 2 if e and e.group("g") is None else 1       # layer axis (+ global expert axis)
-            if len(shape) < lead:
-                raise CorruptCheckpoint("stacked layer tensor has no layer axis", path=self.iter_dir, tensor=key,
-                                        fix="the checkpoint is corrupt")
-            if self._num_layers not in (None, shape[0]):
-                raise LayoutError(f"stacked tensors disagree on the number of layers ({self._num_layers} vs "
-                                  f"{shape[0]})", path=self.iter_dir, tensor=key, fix="the checkpoint is corrupt")
-            self._num_layers = shape[0]
-            if e:
-                self._expert_forms.setdefault("axis" if lead == 2 else "per_expert", key)
-            if lead == 2:
-                self._expert_axes[key] = shape[1]
-                for i in range(shape[0]):
-                    for g in range(shape[1]):
-                        self._add(_logical(m.group(1), i, g), key, (i, g), shape[2:], dtype)
-                continue
-            for i in range(shape[0]):
-                self._add(to_canonical(_logical(m.group(1), i)), key, (i,), shape[1:], dtype)
+            axes = leading_axes(key)
+            if len(shape) < len(axes):
+                raise CorruptCheckpoint(f"stored tensor lacks its {'/'.join(axes)} axis", path=self.iter_dir,
+                                        tensor=key, fix="the checkpoint is corrupt")
+            if axes[:1] == ("layer",):
+                if self._num_layers not in (None, shape[0]):
+                    raise LayoutError(f"stacked tensors disagree on the number of layers ({self._num_layers} vs "
+                                      f"{shape[0]})", path=self.iter_dir, tensor=key, fix="the checkpoint is corrupt")
+                self._num_layers = shape[0]
+            if EXPERTS.match(DECODER.match(key).group("rest") if DECODER.match(key) else ""):
+                self._expert_forms.setdefault("axis" if "expert" in axes else "per_expert", key)
+            if "expert" in axes:
+                self._expert_axes[key] = shape[axes.index("expert")]
+            for index in itertools.product(*map(range, shape[:len(axes)])):
+                self._add(logical_name(key, index), key, index, shape[len(axes):], dtype)
         for key in sorted(self._store.bytes_keys()):
             group = re.split(r"[./]", key, maxsplit=1)[0]
             m = SHARD.match(key)
             if group not in TRAINING_STATE and m and m.group("key").endswith("._extra_state"):
-                base, offset = m.group("key"), m.group("offset").split(".")
-                s = STACKED.match(base)
-                name = _logical(s.group(1), int(offset[0]), int(offset[1]) if len(offset) > 1 else None) if s else base
+                base = m.group("key")
+                offset = tuple(int(x) for x in m.group("offset").split("."))
+                name = logical_name(base, offset[:len(leading_axes(base))])
                 self.extra_state.append(name)
                 self._extra_keys.setdefault(name, key)
             else:

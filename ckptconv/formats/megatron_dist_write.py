@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from ..errors import LayoutError, MissingTensors
 from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
-from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON, stacked_key
+from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON, leading_axes, stacked_key
 from .megatron_names import extra_state_keys, to_impl
 from .megatron_torch import LATEST, iteration_dir_name
 from .closing import CommitsOnExit
@@ -165,12 +165,15 @@ class MegatronDistWriter(CommitsOnExit):
         self._metas = {m.name: m for m in metas}
         self._common = {"args": _dist_args(args), "checkpoint_version": 3.0,
                         "iteration": 0 if iteration == "release" else int(iteration), "ckptconv": extra or {}}
-        items = self._plan(metas, layout)
+        # models mixing dense and MoE layers store per-layer keys, as Megatron-Core does for them
+        per_layer = not isinstance(getattr(args, "moe_layer_freq", 1) or 1, int) \
+            or int(getattr(args, "moe_layer_freq", 1) or 1) > 1
+        items = self._plan(metas, layout, per_layer)
         self._by_index = {(it.index.fqn, tuple(it.index.offset or ())): name for name, it in items.items()}
         # leading (layer[, expert]) axes a stacked item has beyond its logical tensor
         self._stacked = {name: len(it.index.offset) - len(self._metas[name].shape) for name, it in items.items()
                          if it.type == WriteItemType.SHARD}
-        extra_items = _extra_items(metas, layout)
+        extra_items = _extra_items(metas, layout, per_layer)
         self._payload = _none_payload()
         self._written: set[str] = set()
         self._handoff = _Handoff()
@@ -191,24 +194,24 @@ class MegatronDistWriter(CommitsOnExit):
             self._thread.start()
 
     @staticmethod
-    def _plan(metas: list[TensorMeta], layout: MegatronLayout) -> dict[str, WriteItem]:
+    def _plan(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> dict[str, WriteItem]:
         """One write item per logical tensor: a chunk of its stacked key (at its layer, and for an
         expert at its global expert), or the whole key."""
         items: dict[str, WriteItem] = {}
         groups: dict[str, dict[tuple[int, ...], TensorMeta]] = {}
         for m in metas:
-            sk = stacked_key(m.name)
-            if sk:
+            sk = stacked_key(m.name, per_layer)
+            if sk and sk[1]:
                 groups.setdefault(sk[0], {})[sk[1]] = m
             else:
                 items[m.name] = _item(m.name, (0,) * len(m.shape), m.shape, m.shape, m.dtype, WriteItemType.TENSOR)
         for fqn, entries in groups.items():
             first_index, first = next(iter(entries.items()))
-            lead = (layout.num_layers,) if len(first_index) == 1 else (layout.num_layers, layout.num_experts or 0)
+            lead = _lead_sizes(fqn, layout)
             want = set(itertools.product(*map(range, lead)))
             if set(entries) != want:
                 missing, extra = sorted(want - set(entries)), sorted(set(entries) - want)
-                raise LayoutError(f"stacked key needs every (layer{', expert' if len(lead) > 1 else ''}) of "
+                raise LayoutError(f"stacked key needs every ({', '.join(leading_axes(fqn))}) of "
                                   f"{lead}: missing {missing[:4]}, beyond {extra[:4]}",
                                   tensor=fqn, fix="every layer (and expert) must have the same tensors")
             for index, m in entries.items():
@@ -280,15 +283,20 @@ def _dist_args(args: Any) -> Any:
     return out
 
 
-def _extra_items(metas: list[TensorMeta], layout: MegatronLayout) -> list[WriteItem]:
+def _lead_sizes(fqn: str, layout: MegatronLayout) -> tuple[int, ...]:
+    return tuple({"layer": layout.num_layers, "expert": layout.num_experts or 0}[a] for a in leading_axes(fqn))
+
+
+def _extra_items(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> list[WriteItem]:
     """The `_extra_state` BYTES items of every Transformer Engine module of every layer (both TE
     and local-spec models find theirs): `shard_{layer}_{L}`, per expert `shard_{layer}.{g}_{L}.{E}`."""
     moe = {n.split(".mlp.")[0] for n in (m.name for m in metas) if ".mlp.router." in n}
     names = [to_impl(m.name, "transformer_engine", moe_layer=m.name.split(".mlp.")[0] in moe) for m in metas]
     out = []
     for name in extra_state_keys(names, "transformer_engine", has_output_layer=False):
-        fqn, index = stacked_key(name)
-        lead = (layout.num_layers, layout.num_experts)[: len(index)]
+        fqn, index = stacked_key(name, per_layer)
+        lead = _lead_sizes(fqn, layout)
+        index, lead = (index, lead) if index else ((0,), (1,))      # a per-layer module: shard_0_1
         out.append(WriteItem(MetadataIndex(f"{fqn}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, lead))}"),
                              WriteItemType.BYTE_IO))
     return out

@@ -107,6 +107,14 @@ def check_divisibility(cfg: ModelConfig, layout: MegatronLayout, padded_vocab: i
         if n % tp:
             raise LayoutError(f"{what}={n} is not divisible by TP={tp}", path="config.json",
                               fix=f"choose a TP that divides {n}")
+    for what, n, split, by in (("expert ffn (moe_intermediate_size)", cfg.moe_ffn_hidden_size, layout.etp, "ETP"),
+                               ("shared expert ffn", cfg.shared_expert_size, tp, "TP")):
+        if cfg.num_experts and n and n % split:
+            raise LayoutError(f"{what}={n} is not divisible by {by}={split}", path="config.json",
+                              fix=f"choose an {by} that divides {n}")
+    if cfg.num_experts and cfg.num_experts != layout.num_experts:
+        raise LayoutError(f"the layout has {layout.num_experts} experts, the config {cfg.num_experts}",
+                          path="config.json", fix="this is a bug in the caller")
     if cfg.num_heads % cfg.num_kv_heads:
         raise LayoutError(f"num_attention_heads={cfg.num_heads} is not a multiple of num_key_value_heads="
                           f"{cfg.num_kv_heads}", path="config.json", fix="check the model config")

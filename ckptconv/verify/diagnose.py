@@ -38,6 +38,9 @@ class Context:
     tps: tuple[int, ...] = ()          # TP sizes of the Megatron side(s), B's first
 
 
+_EXPERT_INDEX = re.compile(r"experts\.(?:local_experts\.)?(\d+)\.")
+
+
 def group_label(names: tuple[str, ...]) -> str:
     m = _LAYER.search(names[0])
     mods = []
@@ -46,6 +49,8 @@ def group_label(names: tuple[str, ...]) -> str:
         mod = parts[-2] if len(parts) >= 2 else parts[-1]
         mods.append(mod + (" bias" if parts[-1] == "bias" else ""))
     mod = "/".join(dict.fromkeys(mods))
+    e = _EXPERT_INDEX.search(names[0])
+    mod = f"expert {e.group(1)} {mod}" if e else mod
     return f"layer {m.group(1)} {mod}" if m else mod
 
 

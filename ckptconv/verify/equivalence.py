@@ -13,6 +13,7 @@ from ..plan.megatron_layout import tp_kind
 from .compare import TensorResult, compare_tensor, rule_for, sketch, status_for
 from .diagnose import Context, diagnose, group_label
 from .diagnose_layers import split_layer
+from .diagnose_experts import candidates
 from .layer_report import layer_diagnoses
 from .groups import Group, common_space, hf_groups, megatron_groups
 from .manifest import model_fields
@@ -166,8 +167,8 @@ def _neighbour_keys(report: Report, walker, groups: list[Group], keys_b: dict, e
         s = split_layer(name)
         if name in explained or not s:
             continue
-        for d in (-2, -1, 1, 2):
-            cand = s[0].replace("{i}", str(s[1] + d))
+        near = [s[0].replace("{i}", str(s[1] + d)) for d in (-2, -1, 1, 2)]
+        for cand in near + candidates(name, walker.sa.cfg.num_experts or 0):   # other layers, other experts
             if cand in by_name and cand in by_name[cand].a and cand not in want:
                 want.append(cand)
     keys_a: dict[str, bytes] = {}

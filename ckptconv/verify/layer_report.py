@@ -2,6 +2,7 @@
 check): which failing layer tensors of B hold A's tensors of another layer or stage."""
 from __future__ import annotations
 
+from .diagnose_experts import expert_swaps
 from .diagnose_layers import both_ways
 from .report import Report
 
@@ -20,6 +21,7 @@ def layer_diagnoses(report: Report, sa, sb, keys_a: dict, keys_b: dict, explaine
                      stage_a=stage_of(sa), stage_b=stage_of(sb),
                      missing_in_a=[r.name for r in report.results if r.status == "missing_in_a"],
                      missing_in_b=[r.name for r in report.results if r.status == "missing_in_b"])
+    msgs = {**expert_swaps([n for n in failing if n not in msgs], keys_a, keys_b), **msgs}
     for r in report.results:
         if r.name in msgs:
             r.diagnosis = msgs[r.name]

@@ -198,6 +198,7 @@ def _transformer_config(args, tp: int, pp: int, vpp):
             moe_shared_expert_intermediate_size=_arg(args, "moe_shared_expert_intermediate_size", None),
             moe_shared_expert_gate=bool(_arg(args, "moe_shared_expert_gate", False)),
             moe_grouped_gemm=bool(_arg(args, "moe_grouped_gemm", False)),
+            moe_layer_freq=_arg(args, "moe_layer_freq", 1),
             moe_token_dispatcher_type="allgather",
             moe_aux_loss_coeff=0.0,
             expert_model_parallel_size=ep,
@@ -208,7 +209,7 @@ def _transformer_config(args, tp: int, pp: int, vpp):
 
 def _build_chunks(args, cfg, vpp):
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     spec = get_gpt_layer_local_spec(
@@ -220,6 +221,10 @@ def _build_chunks(args, cfg, vpp):
     stages = [None] if vpp is None else list(range(vpp))
     chunks = []
     for v in stages:
+        if _arg(args, "num_experts", None):    # MoE: per-layer specs follow moe_layer_freq (dense layers mix in)
+            spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False,
+                                              normalization=_arg(args, "normalization", "LayerNorm"), vp_stage=v,
+                                              pp_rank=ps.get_pipeline_model_parallel_rank())
         m = GPTModel(
             config=cfg,
             transformer_layer_spec=spec,

@@ -117,7 +117,8 @@ def test_window_no_family_can_state_is_refused_naming_the_flag():
 
 
 def test_registry_has_every_family_once():
-    assert list(FAMILIES) == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2", "gemma3"]
+    assert list(FAMILIES) == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2", "gemma3",
+                             "mixtral", "qwen2_moe", "qwen3_moe"]
     for f in FAMILIES.values():
         assert len({m for m in f.hf_architectures}) == len(f.hf_architectures)
 
