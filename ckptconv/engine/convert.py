@@ -28,6 +28,7 @@ from ..verify.manifest import ManifestBuilder
 from .checks import check_finite
 from .memory import release_freed_memory
 from .megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
+from .packed_experts import has_packed_experts, with_hub_experts
 from .progress import progress
 
 
@@ -42,6 +43,7 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
     hf_cfg = source.config()
     family = family_for_hf(hf_cfg, Path(source.path) / "config.json")
     cfg = family.from_hf_config(hf_cfg)
+    source = with_hub_experts(source, family, cfg)
     layout = MegatronLayout(tp, pp, cfg.num_layers, vpp, first_stage_layers, last_stage_layers,
                             cfg.num_experts, ep, etp)
     padded = pad_vocab_size(cfg.vocab_size, divisible_by, tp)
@@ -93,7 +95,11 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | 
 def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
                  overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
                  show_progress: bool = True, summary: dict | None = None) -> dict:
-    """Write any HF-named source as HF safetensors (+ config and tokenizer/generation files)."""
+    """Write any HF-named source as HF safetensors (+ config and tokenizer/generation files);
+    experts packed as transformers 5 holds them are written in the hub's per-expert layout."""
+    if has_packed_experts(source.tensors()):
+        family = family_for_hf(source.config(), Path(source.path) / "config.json")
+        source = with_hub_experts(source, family, family.from_hf_config(source.config()))
     metas = [TensorMeta(m.name, m.shape, dtype or m.dtype) for m in source.tensors().values()]
     summary = {"source": str(source.path), "destination": str(dst), "format": "hf",
                "tensors_written": len(metas), "bytes_written": sum(m.nbytes for m in metas), **(summary or {})}

@@ -156,3 +156,27 @@ def test_missing_expert_is_named(mixtral_pair, tmp_path):
 def test_bad_expert_layouts_are_refused(hf_model_dir, tmp_path, opts, needle):
     one_line_error(run("hf-to-megatron", hf_model_dir("mixtral"), tmp_path / "out", *opts), needle)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+def test_packed_transformers5_experts_read_as_the_hub_layout(tmp_path, variant):
+    """Files holding the in-memory packed experts (mlp.experts.gate_up_proj [E, 2I, H], down_proj
+    [E, H, I], router mlp.gate) convert to exactly what transformers' own save_pretrained writes."""
+    from ckptconv.engine.convert import source_to_hf
+    from ckptconv.formats.hf import HFReader
+    from tiny_models import build_model
+
+    model = build_model(variant)
+    hub, packed = tmp_path / "hub", tmp_path / "packed"
+    model.save_pretrained(hub)
+    packed.mkdir()
+    sd = {k: t.contiguous() for k, t in model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd) and not any(".experts.0." in k for k in sd)
+    save_file(sd, packed / "model.safetensors", metadata={"format": "pt"})
+    (packed / "config.json").write_text((hub / "config.json").read_text())
+    hf_to_megatron(packed, tmp_path / "mg", ckpt_format="torch", ep=2, show_progress=False)
+    megatron_to_hf(tmp_path / "mg", tmp_path / "back", show_progress=False)
+    assert_same_hf(hub, tmp_path / "back")
+    with HFReader(packed) as r:
+        source_to_hf(r, tmp_path / "hubout", show_progress=False)
+    assert_same_hf(hub, tmp_path / "hubout")
