@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UnsupportedFamily
+
 from ..families import family_by_name, family_for_hf
 from ..families.schema import ModelConfig
 from ..formats.closing import wrap_or_close
@@ -121,5 +123,9 @@ def prepare_run(path: str | Path, *, tp: int | None = None, pp: int | None = Non
             plan_hf_to_megatron(family_by_name(cfg.family), cfg, source.tensors(), layout, padded)
         native, iter_dir = False, None
     check_divisibility(cfg, layout, padded)
+    if cfg.num_experts:
+        raise UnsupportedFamily(f"the bundled runtime does not compute Mixture-of-Experts layers yet ({cfg.family}, "
+                                f"{cfg.num_experts} experts)", path=root,
+                                fix="verify in tensor mode, or run the HF export (megatron-to-hf) with transformers")
     return RunSpec(str(root), fmt, iteration, cfg, layout, padded, native, dtype, resolve_device(device),
                    iter_dir, hf_config)
