@@ -250,15 +250,7 @@ def config_from_args(args: Any, hf_config: dict | None = None, *, check_fields: 
         check_args_fields(args)
     if hf_config:
         return family_for_hf(hf_config).from_hf_config(hf_config)
-    if getattr(args, "num_experts", None):
-        raise UnsupportedFamily(f"this Megatron model is a Mixture-of-Experts (num_experts={args.num_experts}) and "
-                                "no MoE family is known yet", fix="reshard and inspect work on it; HF export and verify of MoE "
-                                "checkpoints needs the Mixtral / Qwen-MoE families")
     check_moe_args(args)
-    refused = [k for k in REFUSED_ARGS if getattr(args, k, False)]
-    if refused:
-        raise UnsupportedFamily(f"args {refused[0]}=True has no counterpart in the supported families",
-                                fix="convert a model without it")
     heads = int(args.num_attention_heads)
     groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
     vocab = getattr(args, "vocab_size", None) or int(args.padded_vocab_size)
