@@ -24,12 +24,14 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_torch_dist import du, run  # noqa: E402
+
 PY = sys.executable
 MiB = 2**20
 
@@ -72,25 +74,6 @@ def generate(a, out: Path) -> None:
                         "num_local_experts": a.experts, "num_experts_per_tok": 2, "sliding_window": None,
                         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
                         "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"})
-
-
-def run(cmd: list[str], log: Path) -> dict:
-    rss = log.with_suffix(".maxrss")
-    t0 = time.perf_counter()
-    with open(log, "wb") as out:
-        rc = subprocess.call(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], stdout=out,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    os.sync()
-    if rc:
-        sys.stderr.write(log.read_text(errors="replace")[-3000:])
-        raise SystemExit(f"step failed (rc {rc}): {' '.join(cmd)}")
-    return {"cmd": " ".join(cmd), "wall_s": round(wall, 2),
-            "peak_rss_mib": round(int(rss.read_text().split()[-1]) / 1024)}
-
-
-def du(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def main() -> None:
