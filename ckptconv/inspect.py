@@ -56,6 +56,7 @@ def inspect_megatron(path: Path, iteration: str = "latest", fmt: str = "megatron
             "other_state": sorted(k for k in r.common if k not in ("args", "ckptconv") and not k.startswith("model")),
             "extra_state_entries": len(r.extra_state),
             **({"experts": expert_summary(r)} if lay.num_experts else {}),
+            **getattr(r, "layout_report", dict)(),     # torch_dist: which megatron-core layout the files have
             **tensor_summary(r.tensors()),
         }
 
@@ -103,6 +104,10 @@ def inspect_text(info: dict, show_tensors: bool = False) -> str:
                          f"{e['expert_layout']})  MoE layers {len(e['moe_layers'])}/{sum(info['layers_per_stage'])}")
     if info["format"] == "dcp":
         lines += dcp_text(info)
+    if "dist_layout" in info:
+        lines.append(f"  layout: {info['dist_layout']} (loads in megatron-core {info['loads_in']}); common state in "
+                     f"{info['common_state']}; integrity manifest: {info['integrity_manifest'] or 'none'}; "
+                     f"_extra_state items: {'present' if info['extra_state'] else 'absent'}")
     lines.append(f"  {info['num_tensors']} tensors, {info['num_parameters']:,} parameters, "
                  f"{info['bytes']:,} bytes, dtypes {info['dtypes']}")
     if show_tensors:

@@ -4,8 +4,12 @@
     ROOT/release/ | ROOT/iter_%07d/  (ITER_DIR)
         metadata.json    {"sharded_backend": "torch_dist", ...}
         common.pt        torch.save of the non-sharded state: args, checkpoint_version, iteration, ...
+                         (megatron-core <= 0.16; 0.19 keeps it as the BYTES item common_state/shard_0_1
+                         instead: `megatron_dist_layout` has the layouts, found from the files)
         .metadata        torch.distributed.checkpoint Metadata: global shapes, chunks, storage
         __R_K.distcp     data records
+        integrity.json   optional sha256 manifest (0.19 `verify_integrity`): checked before the
+                         first tensor is read; a mismatch is a CorruptCheckpoint naming the file
 
 Stored keys are global and independent of TP/PP: `decoder.layers.<module>.<param>` has a
 leading axis over all layers, fc1 is `[gate_full; up_full]`, embeddings are padded-vocab rows.
@@ -31,13 +35,13 @@ from ..types import TensorMeta
 from .dcp_slices import DcpStore
 from .megatron_args import layout_from_args
 from .megatron_dist_detect import METADATA_JSON, dist_backend  # noqa: F401 (METADATA_JSON re-exported)
+from .megatron_dist_integrity import check_manifest, read_manifest
+from .megatron_dist_layout import BACKEND, COMMON_FILE, COMMON_GROUP, COMMON_ITEM, INTEGRITY_FILE, layout_of
 from .megatron_names import to_canonical
 from .megatron_torch import check_expert_set, resolve_iteration_dir
 from .safe_pickle import TorchFile
 from .closing import ClosesOnExit
 
-COMMON_FILE = "common.pt"
-BACKEND = "torch_dist"
 SHARD = re.compile(r"^(?P<key>[^/]+)/shard_(?P<offset>[\d.]+)_(?P<shape>[\d.]+)$")
 # A decoder key is stacked over layers (`decoder.layers.<module>`, leading layer axis) or, in models
 # with dense and MoE layers mixed, per layer (`decoder.layers.{i}.<module>`). Experts are
@@ -118,23 +122,23 @@ class MegatronDistReader(ClosesOnExit):
             raise
 
     def _open(self, opener) -> None:
-        common_path = self.iter_dir / COMMON_FILE
-        if not common_path.is_file():
-            raise MissingTensors(f"no {COMMON_FILE} in the checkpoint", path=common_path,
-                                 fix="copy the complete checkpoint directory")
-        self._common_file = TorchFile(common_path)
-        common = self._common_file.obj
-        if not isinstance(common, dict):
-            raise CorruptCheckpoint(f"{COMMON_FILE} holds a {type(common).__name__}, not a dict", path=common_path,
-                                    fix="the file is not a Megatron common state")
         self._store = DcpStore(self.iter_dir, opener=opener)
+        self.integrity = read_manifest(self.iter_dir)   # {file: sha256} or None; checked on first read
+        self._unverified = self.integrity is not None
+        common_path = self.iter_dir / COMMON_FILE
+        self.dist_layout = layout_of(common_path.is_file(), COMMON_ITEM in self._store.bytes_keys())
+        if self.dist_layout is None:
+            raise MissingTensors(f"no common state: neither {COMMON_FILE} (megatron-core <= 0.16) nor the "
+                                 f"{COMMON_ITEM} item (0.19)", path=common_path,
+                                 fix="copy the complete checkpoint directory")
+        common = self._read_common(common_path)
         self.args = common.get("args")
         self.meta: dict = common.get("ckptconv") or {}
         self.iteration = common.get("iteration")
         self.impl = "transformer_engine"     # distributed checkpoints always use the TE key space
         self._catalog()
         if self.args is None:
-            raise CorruptCheckpoint(f"no 'args' in {COMMON_FILE}", path=common_path,
+            raise CorruptCheckpoint(f"no 'args' in the common state ({self._common_where})", path=self.iter_dir,
                                     fix="checkpoints without Megatron-LM args are not supported")
         self.layout: MegatronLayout = layout_from_args(self.args)
         self.layout.check()
@@ -146,6 +150,37 @@ class MegatronDistReader(ClosesOnExit):
         self.common: dict[str, Any] = dict(common)
         for group, keys in self.sharded_state.items():
             self.common.setdefault(group, argparse.Namespace(sharded_keys=keys))
+
+    def _read_common(self, common_path: Path) -> dict:
+        """The common dict, from common.pt when present (megatron-core 0.19 prefers it too), else
+        from the common_state item (`torch.save([dict])`); both through the safe unpickler."""
+        if self.dist_layout.common_file:
+            self._common_where = COMMON_FILE
+            self._common_file = TorchFile(common_path)
+            common = self._common_file.obj
+        else:
+            self._common_where = f"item {COMMON_ITEM}"
+            obj = self._store.read_object(COMMON_ITEM)
+            common = obj[0] if isinstance(obj, list) and len(obj) == 1 else obj
+        if not isinstance(common, dict):
+            raise CorruptCheckpoint(f"the common state ({self._common_where}) holds a {type(common).__name__}, "
+                                    "not a dict", path=self.iter_dir, fix="the checkpoint is not a Megatron one")
+        return common
+
+    def verify_integrity(self) -> None:
+        """Re-hash the files listed in integrity.json (once); CorruptCheckpoint naming a changed file."""
+        if self._unverified:
+            check_manifest(self.iter_dir, self.integrity)
+            self._unverified = False
+
+    def layout_report(self) -> dict:
+        """What `inspect` says about the files: the layout found and the optional parts."""
+        return {"dist_layout": self.dist_layout.name, "loads_in": self.dist_layout.loads_in,
+                "common_state": self._common_where,
+                "integrity_manifest": None if self.integrity is None else
+                f"{INTEGRITY_FILE}: {len(self.integrity)} files (sha256, checked before tensors are read)",
+                "extra_state": bool(self.extra_state),
+                "data_files": sorted({i.relative_path for i in self._store.metadata.storage_data.values()})}
 
     def _catalog(self) -> None:
         self._where: dict[str, tuple[str, tuple[int, ...]]] = {}   # logical name -> (stored key, leading index)
@@ -179,6 +214,8 @@ class MegatronDistReader(ClosesOnExit):
                 self._add(logical_name(key, index), key, index, shape[len(axes):], dtype)
         for key in sorted(self._store.bytes_keys()):
             group = re.split(r"[./]", key, maxsplit=1)[0]
+            if group == COMMON_GROUP:
+                continue                      # the common state itself (read into self.common)
             m = SHARD.match(key)
             if group not in TRAINING_STATE and m and m.group("key").endswith("._extra_state"):
                 base = m.group("key")
@@ -228,6 +265,7 @@ class MegatronDistReader(ClosesOnExit):
         if meta is None:
             raise MissingTensors("no such tensor in the checkpoint", path=self.iter_dir, tensor=name,
                                  fix="run `ckptconv inspect --tensors` to list the tensors")
+        self.verify_integrity()
         key, lead = self._where[name]
         sizes = list(meta.shape)
         offsets = [0] * len(sizes)
@@ -249,6 +287,7 @@ class MegatronDistReader(ClosesOnExit):
         meta = self._metas.get(name)
         if meta is None or not meta.shape or not 0 <= start <= stop <= meta.shape[dim]:
             return None
+        self.verify_integrity()
         key, lead = self._where[name]
         offsets, sizes = [0] * len(meta.shape), list(meta.shape)
         offsets[dim], sizes[dim] = start, stop - start
@@ -259,6 +298,7 @@ class MegatronDistReader(ClosesOnExit):
 
     def read_extra_state(self, name: str) -> Any:
         """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""
+        self.verify_integrity()
         key = self._extra_keys.get(name)
         if key is not None:
             obj = self._store.read_object(key)

@@ -3,10 +3,14 @@
 What is written (what `megatron.core.dist_checkpointing.load` reads at any TP/PP):
     ROOT/latest_checkpointed_iteration.txt
     ROOT/release | ROOT/iter_%07d/
-        __0_K.distcp   one torch DCP record file per write item (see "Memory" below)
+        __0_K.distcp   one torch DCP record file per write item (see "Memory" below), among them
+                       the BYTES item common_state/shard_0_1 = torch.save([common]) (megatron-core 0.19)
         .metadata      written by torch's FileSystemWriter
-        common.pt      {"args", "checkpoint_version": 3.0, "iteration", "ckptconv"}
-        metadata.json  written last: Megatron's marker of a complete checkpoint
+        common.pt      common = {"args", "checkpoint_version": 3.0, "iteration", "ckptconv"} (0.16)
+        metadata.json  Megatron's marker of a complete checkpoint
+        integrity.json sha256 of every other file, written last (0.19's `load(verify_integrity=True)`
+                       requires it; 0.16 ignores it)
+The layout is `megatron_dist_layout.WRITE_LAYOUT` (common state both ways: loads in 0.16.1 and 0.19.x).
 Keys are global: per-layer logical tensors become chunks (offset = global layer) of the stacked
 `decoder.layers.<module>.<param>`; fc1 keeps the logical [gate; up] layout (= Megatron's
 stored [gate_full; up_full]); `_extra_state` objects are BYTES items holding `torch.save([None])`
@@ -48,18 +52,20 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from ..errors import LayoutError, MissingTensors
 from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
-from .megatron_dist import BACKEND, COMMON_FILE, METADATA_JSON, leading_axes, stacked_key
+from .megatron_dist import METADATA_JSON, leading_axes, stacked_key
+from .megatron_dist_integrity import write_manifest
+from .megatron_dist_layout import BACKEND, COMMON_FILE, COMMON_ITEM, WRITE_LAYOUT
 from .megatron_names import extra_state_keys, to_impl
 from .megatron_torch import LATEST, iteration_dir_name
 from .closing import CommitsOnExit
 
-CHECKPOINT_CONFIG = {"sharded_backend": BACKEND, "sharded_backend_version": 1,
-                     "common_backend": "torch", "common_backend_version": 1}
+CHECKPOINT_CONFIG = WRITE_LAYOUT.config
 
 
-def _none_payload() -> bytes:
+def _list_payload(obj: Any) -> bytes:
+    """A ShardedObject's stored bytes: torch.save([obj]) (not pickled a second time)."""
     buf = io.BytesIO()
-    torch.save([None], buf)
+    torch.save([obj], buf)
     return buf.getvalue()
 
 
@@ -174,7 +180,11 @@ class MegatronDistWriter(CommitsOnExit):
         self._stacked = {name: len(it.index.offset) - len(self._metas[name].shape) for name, it in items.items()
                          if it.type == WriteItemType.SHARD}
         extra_items = _extra_items(metas, layout, per_layer)
-        self._payload = _none_payload()
+        self._payload = _list_payload(None)
+        self._byte_payloads: dict[str, bytes] = {}
+        if WRITE_LAYOUT.common_item:
+            self._byte_payloads[COMMON_ITEM] = _list_payload(self._common)
+            extra_items.append(WriteItem(MetadataIndex(COMMON_ITEM), WriteItemType.BYTE_IO))
         self._written: set[str] = set()
         self._handoff = _Handoff()
         self._failure: BaseException | None = None
@@ -231,7 +241,7 @@ class MegatronDistWriter(CommitsOnExit):
 
     def _resolve(self, item: WriteItem) -> Any:
         if item.type == WriteItemType.BYTE_IO:
-            return io.BytesIO(self._payload)
+            return io.BytesIO(self._byte_payloads.get(item.index.fqn, self._payload))
         name = self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
         t = self._handoff.take(name)
         return t.view(*[1] * self._stacked[name], *t.shape) if name in self._stacked else t
@@ -258,8 +268,10 @@ class MegatronDistWriter(CommitsOnExit):
             raise
         if self._failure is not None:
             raise self._failure
-        torch.save(self._common, self.iter_dir / COMMON_FILE)
+        if WRITE_LAYOUT.common_file:
+            torch.save(self._common, self.iter_dir / COMMON_FILE)
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(CHECKPOINT_CONFIG))
+        write_manifest(self.iter_dir)
         (self.out_root / LATEST).write_text(str(self.iteration))
 
     def abort(self) -> None:

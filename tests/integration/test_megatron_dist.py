@@ -28,7 +28,7 @@ from tiny_models import hf_logits
 from helpers import assert_same_hf, assert_same_rank_models, hf_tensors, one_line_error as exit_2, run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
-DIST_FIXTURES = ["megatron_dist_tp2pp2", "megatron_dist_tp1"]
+DIST_FIXTURES = ["megatron_dist_tp2pp2", "megatron_dist_tp1", "megatron019_dist_tp2pp2", "megatron019_dist_tp1"]
 LAYOUTS = [(1, 1, None), (2, 2, None), (2, 2, 2), (4, 1, None)]
 MODELS = [("llama-gqa", torch.float32), ("qwen2", torch.float32), ("llama-tied", torch.bfloat16),
           ("mistral", torch.float32)]
@@ -215,7 +215,7 @@ def test_every_fixture_reads_with_megatron_blocked():
         for i in range(qkv.shape[0]):
             assert sums[f"{root}:decoder.layers.{i}.self_attention.linear_qkv.weight"] == qkv[i].double().sum().item()
         assert sums[f"{root}:embedding.word_embeddings.weight"] == st["embedding.word_embeddings.weight"].double().sum().item()
-    assert len(sums) == 27 + 16 + 27
+    assert len(sums) == 27 + 16 + 27 + 27 + 9     # + the 0.19 fixtures (tp2pp2; tp1 has 1 layer)
 
 
 class CountingFile:

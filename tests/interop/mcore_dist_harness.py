@@ -2,9 +2,11 @@
 
 Test helper (interop tests only). ``megatron_dist_logits(ckpt, tokens, tp=, pp=, vpp=)`` spawns
 ``tp * pp`` gloo ranks; each builds a megatron-core ``GPTModel`` (local spec) from the ``args``
-in ``common.pt`` but at the TP/PP/VPP asked for (which need not be the ones the checkpoint was
+of the common state (megatron's own ``load_common_state_dict``: common.pt in 0.16, the
+``common_state`` item in 0.19) but at the TP/PP/VPP asked for (which need not be the ones the checkpoint was
 written with), loads it with ``megatron.core.dist_checkpointing.load(model.sharded_state_dict(),
-ITER_DIR)`` followed by ``load_state_dict(strict=True)`` -- as Megatron-LM does -- runs the
+ITER_DIR)`` (with ``verify_integrity=True`` when asked: megatron-core >= 0.18) followed by
+``load_state_dict(strict=True)`` -- as Megatron-LM does -- runs the
 pipeline forward and returns the all-gathered logits (trimmed to ``args.vocab_size``).
 
 Process orchestration, model construction and CPU shims are reused from ``mcore_harness`` /
@@ -21,7 +23,15 @@ import torch
 
 import mcore_harness as mh
 
-__all__ = ["megatron_dist_logits", "read_dist_args", "dist_iteration_dir"]
+__all__ = ["megatron_dist_logits", "read_dist_args", "read_dist_common", "dist_iteration_dir", "mcore_version"]
+
+
+def mcore_version() -> tuple[int, int]:
+    """(major, minor) of the megatron-core this test run uses (each CI venv has one)."""
+    from importlib.metadata import version
+
+    major, minor = version("megatron-core").split(".")[:2]
+    return int(major), int(minor)
 
 
 def dist_iteration_dir(ckpt_root: Path | str, iteration="latest") -> Path:
@@ -31,15 +41,28 @@ def dist_iteration_dir(ckpt_root: Path | str, iteration="latest") -> Path:
     return mh.resolve_iteration_dir(root, iteration)
 
 
+def read_dist_common(iter_dir: Path | str) -> dict:
+    """The common state as megatron-core itself loads it (``load_common_state_dict``), with the
+    classes megatron-core registers as weights-only-safe at import (registered again here: a test
+    that used ``torch.serialization.safe_globals(...)`` around the first import undid them)."""
+    import warnings
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.safe_globals import register_safe_globals
+
+    register_safe_globals()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # 0.19: "load_common is deprecated" on common.pt
+        return dist_checkpointing.load_common_state_dict(str(iter_dir))
+
+
 def read_dist_args(iter_dir: Path | str):
-    """args from common.pt, loaded the way megatron-core loads it (weights-only, with the
-    classes ``import megatron.core`` registers as safe)."""
-    import megatron.core  # noqa: F401 - registers argparse.Namespace etc. as safe globals
-
-    return torch.load(Path(iter_dir) / "common.pt", map_location="cpu", weights_only=True)["args"]
+    return read_dist_common(iter_dir)["args"]
 
 
-def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir, ep=1, etp=1):
+def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir, ep=1, etp=1,
+                 verify_integrity=False):
     err_path = Path(out_dir) / f"error_rank{rank}.txt"
     try:
         import argparse
@@ -61,7 +84,8 @@ def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir,
         keys = ["model"] if vpp is None else [f"model{v}" for v in range(vpp)]
         sharded = {k: m.sharded_state_dict() for k, m in zip(keys, chunks)}
         try:
-            loaded = dist_checkpointing.load(sharded, str(iter_dir))
+            check = {"verify_integrity": True} if verify_integrity else {}
+            loaded = dist_checkpointing.load(sharded, str(iter_dir), **check)
         except Exception as e:
             raise mh.MegatronHarnessError(f"rank {rank}: dist_checkpointing.load failed: {e}") from e
         for k, m in zip(keys, chunks):
@@ -82,27 +106,30 @@ def _dist_worker(rank, world, tp, pp, vpp, port, iter_dir, tokens_list, out_dir,
 
 def megatron_dist_logits(ckpt_root: Path | str, tokens: torch.Tensor, *, tp: int = 1, pp: int = 1,
                          vpp: int | None = None, iteration="latest", timeout_s: float = 180.0,
-                         ep: int = 1, etp: int = 1) -> torch.Tensor:
+                         ep: int = 1, etp: int = 1, verify_integrity: bool = False) -> torch.Tensor:
     """Logits [batch, seq, vocab] of a torch_dist checkpoint loaded by real megatron-core at
-    (tp, pp, vpp[, ep, etp]). Raises ``MegatronHarnessError`` with the failing rank's message."""
+    (tp, pp, vpp[, ep, etp]), with megatron's integrity check (>= 0.18) when ``verify_integrity``.
+    Raises ``MegatronHarnessError`` with the failing rank's message."""
     iter_dir = dist_iteration_dir(ckpt_root, iteration)
     tokens = torch.as_tensor(tokens)
     mh._configure_forkserver()
     for attempt in range(3):
         try:
-            return _run(mh.world_size(tp, pp, ep, etp), tp, pp, vpp, iter_dir, tokens, timeout_s, ep, etp)
+            return _run(mh.world_size(tp, pp, ep, etp), tp, pp, vpp, iter_dir, tokens, timeout_s, ep, etp,
+                        verify_integrity)
         except mh.MegatronHarnessError as e:
             if attempt == 2 or "address already in use" not in str(e).lower():
                 raise
     raise AssertionError("unreachable")
 
 
-def _run(world, tp, pp, vpp, iter_dir, tokens, timeout_s, ep=1, etp=1) -> torch.Tensor:
+def _run(world, tp, pp, vpp, iter_dir, tokens, timeout_s, ep=1, etp=1, verify_integrity=False) -> torch.Tensor:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="mcore_dist_harness_") as out_dir:
         ctx = mp.start_processes(
-            _dist_worker, args=(world, tp, pp, vpp, mh._free_port(), str(iter_dir), tokens.tolist(), out_dir, ep, etp),
+            _dist_worker, args=(world, tp, pp, vpp, mh._free_port(), str(iter_dir), tokens.tolist(), out_dir, ep, etp,
+                                verify_integrity),
             nprocs=world, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:
