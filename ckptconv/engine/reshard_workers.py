@@ -34,6 +34,7 @@ from .megatron_as_hf import HF_ASSETS_DIR
 from .memory import release_freed_memory
 from .progress import progress
 from .reshard_manifest import ShareFingerprints, merge_parts
+from .reshard_plan import VOCAB_ROWS, _repad, plan_reshard
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, rank: int = 0, wor
                 show_progress: bool = True) -> int:
     """Write worker ``rank``'s share of the plan into ``out`` (all of it when ``world`` is 1);
     rank 0 also copies the HF assets. Returns the number of logical tensors read."""
-    from .reshard import VOCAB_ROWS, _repad
-
     kwargs = dict(args=plan.args, iteration=plan.iteration, impl=plan.impl, tie_copy=plan.tied,
                   gated_mlp=gated_mlp(plan.args), extra=dict(reader.meta))
     share = shares(plan, ckpt_format, world)[rank] if world > 1 else None
@@ -126,8 +125,6 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, rank: int = 0, wor
 
 
 def run_job(job: ReshardJob, out: Path, *, rank: int = 0, world: int = 1, group=None) -> int:
-    from .reshard import plan_reshard
-
     src = Path(job.src)
     with open_megatron_reader(src, detect_format(src), job.iteration) as reader:
         plan = plan_reshard(reader, **job.plan_kwargs)
