@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .engine.deepspeed_convert import open_deepspeed
-from .engine.megatron_as_hf import MegatronAsHF
 from .formats.closing import wrap_or_close
+from .formats.deepspeed_source import open_deepspeed
 from .formats.dcp_source import DcpSource
 from .formats.detect import detect_format
 from .formats.hf import HFReader
 from .formats.hf_hub import resolve_hf_source
 from .formats.megatron import READERS as MEGATRON_READERS
 from .formats.megatron import open_megatron_reader
+from .formats.megatron_as_hf import MegatronAsHF
 
 
 def open_hf_view(src: str | Path, *, iteration: str | int = "latest", hf_config: dict | None = None,

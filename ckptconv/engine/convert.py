@@ -27,7 +27,8 @@ from ..types import TensorMeta, dtype_name
 from ..verify.manifest import ManifestBuilder
 from .checks import check_finite
 from .memory import release_freed_memory
-from .megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
+from ..formats.hf_config_file import load_hf_config_arg  # noqa: F401  (re-exported for the CLI)
+from ..formats.megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
 from .packed_experts import has_packed_experts, with_hub_experts
 from .progress import progress
 
@@ -124,13 +125,6 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
             writer.copy_assets(source.asset_files())
         fingerprints.write(tmp)
     return summary
-
-
-def load_hf_config_arg(hf_config: str | Path | None) -> dict | None:
-    if hf_config is None:
-        return None
-    p = Path(hf_config)
-    return json.loads((p / "config.json" if p.is_dir() else p).read_text())
 
 
 def megatron_to_hf(src: str | Path, dst: str | Path, *, iteration: str | int = "latest",

@@ -30,7 +30,7 @@ from ..formats.detect import detect_format
 from ..formats.megatron import megatron_writer, open_megatron_reader
 from ..formats.megatron_args import gated_mlp
 from ..plan.megatron_layout import tp_kind
-from .megatron_as_hf import HF_ASSETS_DIR
+from ..formats.megatron_as_hf import HF_ASSETS_DIR
 from .memory import release_freed_memory
 from .progress import progress
 from .reshard_manifest import ShareFingerprints, merge_parts

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..families import family_by_name
-from ..formats.closing import ClosesOnExit
-from ..formats.megatron_args import config_from_args
+from .closing import ClosesOnExit
+from .megatron_args import config_from_args
 from ..ops import get_op
 from ..plan.planner import Plan, PlanItem, plan_megatron_to_hf
 from ..types import TensorMeta
