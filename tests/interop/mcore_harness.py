@@ -388,26 +388,30 @@ def _run_ranks(world, tp, pp, vpp, iter_dir, tokens, timeout_s, ep=1, etp=1, moe
             join=False,
             start_method="forkserver",
         )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    if ctx.join(timeout=0.2):
-                        break
-                except Exception as e:  # ProcessRaisedException / ProcessExitedException
-                    raise MegatronHarnessError(_collect_errors(out_dir, world) or str(e)) from None
-                if time.monotonic() > deadline:
-                    errors = _collect_errors(out_dir, world)
-                    raise TimeoutError(
-                        f"megatron_logits: {world} ranks did not finish within {timeout_s}s"
-                        + (f"\n{errors}" if errors else "")
-                    )
-        finally:
-            _kill_all(ctx)
+        join_ranks(ctx, out_dir, world, timeout_s)
         path = Path(out_dir) / "logits.pt"
         if not path.is_file():
             raise MegatronHarnessError("workers finished but produced no logits")
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def join_ranks(ctx, out_dir: str, world: int, timeout_s: float) -> None:
+    """Wait for the ranks of ``ctx``; a failing rank's error (or a timeout) is raised with every
+    rank's summary; the ranks are always stopped."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                if ctx.join(timeout=0.2):
+                    break
+            except Exception as e:  # ProcessRaisedException / ProcessExitedException
+                raise MegatronHarnessError(_collect_errors(out_dir, world) or str(e)) from None
+            if time.monotonic() > deadline:
+                errors = _collect_errors(out_dir, world)
+                raise TimeoutError(f"{world} megatron ranks did not finish within {timeout_s}s"
+                                   + (f"\n{errors}" if errors else ""))
+    finally:
+        _kill_all(ctx)
 
 
 def _configure_forkserver() -> None:

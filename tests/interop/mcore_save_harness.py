@@ -12,7 +12,6 @@ very model computes for ``tokens``.
 from __future__ import annotations
 
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -64,17 +63,6 @@ def megatron_saved(args, root: Path, tokens: torch.Tensor, *, timeout_s: float =
         ctx = mp.start_processes(_save_worker, args=(world, tp, pp, H._free_port(), args, str(root),
                                                      tokens.tolist(), out_dir),
                                  nprocs=world, join=False, start_method="forkserver")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    if ctx.join(timeout=0.2):
-                        break
-                except Exception as e:
-                    raise H.MegatronHarnessError(H._collect_errors(out_dir, world) or str(e)) from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world} ranks did not finish within {timeout_s}s")
-        finally:
-            H._kill_all(ctx)
+        H.join_ranks(ctx, out_dir, world, timeout_s)
         (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
         return torch.load(Path(out_dir) / "logits.pt", map_location="cpu", weights_only=True)
