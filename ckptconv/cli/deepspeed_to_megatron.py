@@ -18,6 +18,8 @@ from .hf_to_megatron import parse_iteration
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree.")
 @click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage.")
+@click.option("--ep", type=int, default=1, show_default=True, help="Expert-parallel degree (Mixture-of-Experts models).")
+@click.option("--etp", type=int, default=1, show_default=True, help="Expert tensor-parallel degree (must divide TP).")
 @click.option("--ckpt-format", type=click.Choice(sorted(WRITERS)), default="torch_dist", show_default=True,
               help="torch_dist: Megatron-Core distributed checkpoint (loads at any TP/PP); torch: per-rank files.")
 @click.option("--tag", default=None, help="Checkpoint tag (default: the one named in 'latest').")
@@ -35,11 +37,11 @@ from .hf_to_megatron import parse_iteration
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, tp, pp, vpp, ckpt_format, tag, weights, hf_config, transformer_impl, dtype, divisible_by, iteration,
+def command(src, dst, tp, pp, vpp, ep, etp, ckpt_format, tag, weights, hf_config, transformer_impl, dtype, divisible_by, iteration,
             dry_run, overwrite, allow_nonfinite, as_json):
     """Convert a DeepSpeed checkpoint (ZeRO 1/2/3, BF16_Optimizer, Megatron-DeepSpeed) to Megatron-Core."""
     summary = deepspeed_to_megatron(src, dst, tag=tag, weights=weights, hf_config=hf_config, tp=tp, pp=pp, vpp=vpp,
-                                    impl=transformer_impl, dtype=dtype_arg(dtype), divisible_by=divisible_by,
+                                    ep=ep, etp=etp, impl=transformer_impl, dtype=dtype_arg(dtype), divisible_by=divisible_by,
                                     iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
                                     overwrite=overwrite, dry_run=dry_run,
                                     allow_nonfinite=allow_nonfinite, show_progress=not as_json)

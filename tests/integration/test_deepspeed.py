@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures" / "deepspeed"
 CASES = sorted(p.name for p in FIX.iterdir() if (p / "case.json").is_file())
 INFO = {c: json.loads((FIX / c / "case.json").read_text()) for c in CASES}
-ZERO = [c for c in CASES if not (INFO[c].get("pipe") or INFO[c].get("megatron"))]
+ZERO = [c for c in CASES if not (INFO[c].get("pipe") or INFO[c].get("megatron") or INFO[c].get("mixtral"))]
+MOE = [c for c in CASES if INFO[c].get("mixtral")]     # engine names: packed experts; HF output: hub layout
 MEGATRON_DS = [c for c in CASES if INFO[c].get("pipe") or INFO[c].get("megatron")]
 
 
