@@ -2,7 +2,7 @@
 
 Read off checkpoints real megatron-core saves (fixtures/megatron_dist_* by 0.16.1,
 fixtures/megatron019_dist_* by 0.19.2) and, for 0.17 / 0.18, off their `dist_checkpointing`
-source (0.17.0 and 0.18.2 save `common.pt` like 0.16; 0.18 adds the optional integrity manifest):
+source (0.17.x and 0.18.2 save `common.pt` like 0.16; 0.17.1 adds the optional integrity manifest):
 
     layout        common state (args, iteration, ...)             metadata.json
     "0.16-0.18"   ITER_DIR/common.pt                              + common_backend, common_backend_version
@@ -11,7 +11,7 @@ source (0.17.0 and 0.18.2 save `common.pt` like 0.16; 0.18 adds the optional int
                   0.19.x, which prefers common.pt when present and otherwise reads the item)
 
 Both items hold the same dict: common.pt is `torch.save(dict)`, the item `torch.save([dict])`.
-Independent of the layout: `integrity.json` (sha256 of every other file in ITER_DIR; 0.18+ writes it
+Independent of the layout: `integrity.json` (sha256 of every other file in ITER_DIR; 0.17.1+ writes it
 with `save(..., verify_integrity=True)` and `load(..., verify_integrity=True)` requires it) and the
 `_extra_state` BYTES items. A reader finds the layout from the files (`layout_of`), never from a
 version the user names; a writer picks one `DistLayout` (`WRITE_LAYOUT`).
@@ -41,12 +41,12 @@ _CONFIG = {"sharded_backend": BACKEND, "sharded_backend_version": 1}
 LAYOUTS: tuple[DistLayout, ...] = (
     DistLayout("megatron-core 0.16-0.18 (common.pt)", common_file=True, common_item=False,
                config={**_CONFIG, "common_backend": "torch", "common_backend_version": 1},
-               loads_in="0.16.1, 0.19.x (deprecated common.pt fallback)"),
+               loads_in="0.16.1, 0.17.1, 0.18.2, 0.19.x (deprecated common.pt fallback)"),
     DistLayout("megatron-core 0.19 (common_state item)", common_file=False, common_item=True,
                config=dict(_CONFIG), loads_in="0.19.x"),
     DistLayout("megatron-core 0.16-0.19 (common.pt and common_state item)", common_file=True,
                common_item=True, config={**_CONFIG, "common_backend": "torch", "common_backend_version": 1},
-               loads_in="0.16.1, 0.19.x"),
+               loads_in="0.16.1, 0.17.1, 0.18.2, 0.19.x"),
 )
 WRITE_LAYOUT = LAYOUTS[2]
 

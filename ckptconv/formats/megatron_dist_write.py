@@ -8,7 +8,7 @@ What is written (what `megatron.core.dist_checkpointing.load` reads at any TP/PP
         .metadata      written by torch's FileSystemWriter
         common.pt      common = {"args", "checkpoint_version": 3.0, "iteration", "ckptconv"} (0.16)
         metadata.json  Megatron's marker of a complete checkpoint
-        integrity.json sha256 of every other file, written last (0.19's `load(verify_integrity=True)`
+        integrity.json sha256 of every other file, written last (0.17.1+'s `load(verify_integrity=True)`
                        requires it; 0.16 ignores it)
 The layout is `megatron_dist_layout.WRITE_LAYOUT` (common state both ways: loads in 0.16.1 and 0.19.x).
 Keys are global: per-layer logical tensors become chunks (offset = global layer) of the stacked

@@ -5,7 +5,7 @@ Test helper (interop tests only). ``megatron_dist_logits(ckpt, tokens, tp=, pp=,
 of the common state (megatron's own ``load_common_state_dict``: common.pt in 0.16, the
 ``common_state`` item in 0.19) but at the TP/PP/VPP asked for (which need not be the ones the checkpoint was
 written with), loads it with ``megatron.core.dist_checkpointing.load(model.sharded_state_dict(),
-ITER_DIR)`` (with ``verify_integrity=True`` when asked: megatron-core >= 0.18) followed by
+ITER_DIR)`` (with ``verify_integrity=True`` when asked: megatron-core >= 0.17.1) followed by
 ``load_state_dict(strict=True)`` -- as Megatron-LM does -- runs the
 pipeline forward and returns the all-gathered logits (trimmed to ``args.vocab_size``).
 
@@ -23,15 +23,22 @@ import torch
 
 import mcore_harness as mh
 
-__all__ = ["megatron_dist_logits", "read_dist_args", "read_dist_common", "dist_iteration_dir", "mcore_version"]
+__all__ = ["megatron_dist_logits", "read_dist_args", "read_dist_common", "dist_iteration_dir", "mcore_version",
+           "has_integrity_check"]
 
 
-def mcore_version() -> tuple[int, int]:
-    """(major, minor) of the megatron-core this test run uses (each CI venv has one)."""
+def mcore_version() -> tuple[int, int, int]:
+    """(major, minor, patch) of the megatron-core this test run uses (each CI venv has one)."""
+    import re
     from importlib.metadata import version
 
-    major, minor = version("megatron-core").split(".")[:2]
-    return int(major), int(minor)
+    return tuple(int(re.match(r"\d+", p).group()) for p in (version("megatron-core").split(".") + ["0"])[:3])
+
+
+def has_integrity_check() -> bool:
+    """``dist_checkpointing.load(..., verify_integrity=True)`` exists from megatron-core 0.17.1 on
+    (absent in 0.17.0's source; present in 0.17.1, 0.18.2, 0.19.2)."""
+    return mcore_version() >= (0, 17, 1)
 
 
 def dist_iteration_dir(ckpt_root: Path | str, iteration="latest") -> Path:
@@ -108,7 +115,7 @@ def megatron_dist_logits(ckpt_root: Path | str, tokens: torch.Tensor, *, tp: int
                          vpp: int | None = None, iteration="latest", timeout_s: float = 180.0,
                          ep: int = 1, etp: int = 1, verify_integrity: bool = False) -> torch.Tensor:
     """Logits [batch, seq, vocab] of a torch_dist checkpoint loaded by real megatron-core at
-    (tp, pp, vpp[, ep, etp]), with megatron's integrity check (>= 0.18) when ``verify_integrity``.
+    (tp, pp, vpp[, ep, etp]), with megatron's integrity check (>= 0.17.1) when ``verify_integrity``.
     Raises ``MegatronHarnessError`` with the failing rank's message."""
     iter_dir = dist_iteration_dir(ckpt_root, iteration)
     tokens = torch.as_tensor(tokens)

@@ -28,12 +28,13 @@ from ckptconv import hf_to_megatron  # noqa: E402
 from ckptconv.engine.reshard import reshard  # noqa: E402
 from ckptconv.formats.megatron_dist import MegatronDistReader  # noqa: E402
 from ckptconv.formats.safe_pickle import LazyTensor  # noqa: E402
-from mcore_dist_harness import dist_iteration_dir, mcore_version, megatron_dist_logits, read_dist_common  # noqa: E402
+from mcore_dist_harness import (dist_iteration_dir, has_integrity_check, mcore_version,  # noqa: E402
+                                megatron_dist_logits, read_dist_common)
 from mcore_harness import MegatronHarnessError  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 MCORE = mcore_version()
-HAS_INTEGRITY_CHECK = MCORE >= (0, 18)          # load(..., verify_integrity=True)
+HAS_INTEGRITY_CHECK = has_integrity_check()      # load(..., verify_integrity=True): 0.17.1+
 # real fixture -> (megatron-core version that wrote it, TP/PP it is loaded at / resharded to here)
 REAL = {
     "megatron_dist_tp2pp2": ((0, 16), (1, 1), (1, 2)),
@@ -42,6 +43,7 @@ REAL = {
     "megatron019_dist_tp1": ((0, 19), (2, 1), (1, 1)),       # 1 layer: PP 1 only
 }
 # megatron-core's rule: 0.19 reads common.pt when present, else the item; <= 0.18 needs common.pt
+# (checked by hand in 0.17.1 and 0.18.2 venvs too)
 LOADS_AS_IS = {name: MCORE >= (0, 19) or made_by < (0, 19) for name, (made_by, *_) in REAL.items()}
 
 
@@ -103,7 +105,7 @@ def test_resharded_real_save_loads_here(name, tmp_path):
 
 def test_changed_file_fails_megatrons_integrity_check(hf_model_dir, tmp_path):
     """Our manifest is megatron's: a flipped bit in one data file fails its verify_integrity load
-    (0.18+); versions without the check have no such load option."""
+    (0.17.1+); versions without the check have no such load option."""
     from megatron.core import dist_checkpointing
     import inspect
 
