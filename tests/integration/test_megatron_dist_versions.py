@@ -153,3 +153,23 @@ def test_no_common_state_anywhere(tmp_path):
     md.storage_data = {k: v for k, v in md.storage_data.items() if k.fqn != COMMON_ITEM}
     (it / ".metadata").write_bytes(pickle.dumps(md))
     exit_2(run("inspect", root), "common.pt", COMMON_ITEM, "Fix:")
+
+
+def test_019_reads_without_importing_dcp_or_megatron():
+    """Reading a 0.19 save (common item, integrity check, every tensor and extra state) imports
+    neither torch.distributed.checkpoint nor megatron."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from ckptconv.formats.megatron_dist import MegatronDistReader\n"
+            f"with MegatronDistReader({str(FIXTURES / 'megatron019_dist_tp2pp2')!r}) as r:\n"
+            "    [r.read(n) for n in r.tensors()]\n"
+            "    [r.read_extra_state(n) for n in r.extra_state]\n"
+            "    assert r.common['iteration'] == 10 and r.integrity\n"
+            "bad = [m for m in sys.modules if m.startswith(('torch.distributed.checkpoint', 'megatron'))]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(FIXTURES.parent)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
