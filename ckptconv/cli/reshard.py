@@ -53,6 +53,9 @@ def command(src, dst, ckpt_format, tp, pp, vpp, first_stage_layers, last_stage_l
     text = (f"{summary['source_format']} TP={summary['source_tp']} PP={summary['source_pp']} "
             f"VPP={summary['source_vpp']}{experts} -> {summary['format']}\n" + plan_text(summary)
             + (f"\n  not carried over: {', '.join(summary['dropped_state'])}" if summary["dropped_state"] else "")
+            + (f"\n  _extra_state carried: {summary['extra_state_carried']} (module, rank) entries"
+               if summary.get("extra_state_carried") else "")
+            + "".join(f"\n  _extra_state reset: {k} ({why})" for k, why in summary.get("extra_state_dropped", {}).items())
             + (f"\n  workers: {summary['workers']}: " + "; ".join(summary["worker_shares"])
                if summary["workers"] > 1 else "")
             + ("" if dry_run else f"\nwrote {dst}"))

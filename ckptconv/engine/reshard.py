@@ -4,8 +4,10 @@ Only the parallel-layout layer is involved: any Megatron reader yields logical t
 layer numbers, TE names, TP=1 layout), any Megatron writer splits them for the target layout.
 The only tensor change is the vocab padding: when the target TP changes the padded vocab size
 under Megatron-LM's rule (`pad_vocab_size`), embedding / output rows are re-padded (zero rows
-appended, or padding rows beyond the true vocab dropped). Model weights only: optimizer, RNG
-and scheduler state of a training checkpoint are not carried over (listed in the summary).
+appended, or padding rows beyond the true vocab dropped). Model weights and the modules'
+`_extra_state` (``reshard_extra``: carried where the owner rank is unambiguous, else listed as
+dropped); optimizer, RNG and scheduler state of a training checkpoint are not carried over
+(listed in the summary).
 
 `plan_reshard` works from metadata alone (for --dry-run and checks); `reshard` executes it
 tensor by tensor, one logical tensor in memory at a time, in this process or split over N worker
@@ -22,6 +24,7 @@ from ..formats.megatron import WRITERS, open_megatron_reader
 from ..formats.megatron_args import config_from_args
 from ..plan.megatron_layout import MegatronLayout
 from ..verify.manifest import MANIFEST_NAME
+from .reshard_extra import carried_extra_state
 from .reshard_plan import ReshardPlan, plan_reshard
 from .reshard_workers import ReshardJob, check_workers, env_rank, run_local, run_torchrun, shares, write_share
 
@@ -75,6 +78,9 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
         plan = plan_reshard(reader, **kw)
         summary = _summary(reader, plan, src, dst, ckpt_format)
         summary["workers"] = workers
+        carried, dropped = carried_extra_state(reader, plan, ckpt_format)
+        summary["extra_state_carried"] = sum(len(v) for v in carried.values())
+        summary["extra_state_dropped"] = dropped
         summary["worker_shares"] = _share_text(plan, ckpt_format, workers)
         if dry_run:
             return summary

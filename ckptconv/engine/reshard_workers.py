@@ -33,6 +33,7 @@ from ..plan.megatron_layout import tp_kind
 from ..formats.megatron_as_hf import HF_ASSETS_DIR
 from .memory import release_freed_memory
 from .progress import progress
+from .reshard_extra import carried_extra_state
 from .reshard_manifest import ShareFingerprints, merge_parts
 from .reshard_plan import VOCAB_ROWS, _repad, plan_reshard
 
@@ -98,7 +99,8 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, rank: int = 0, wor
     """Write worker ``rank``'s share of the plan into ``out`` (all of it when ``world`` is 1);
     rank 0 also copies the HF assets. Returns the number of logical tensors read."""
     kwargs = dict(args=plan.args, iteration=plan.iteration, impl=plan.impl, tie_copy=plan.tied,
-                  gated_mlp=gated_mlp(plan.args), extra=dict(reader.meta))
+                  gated_mlp=gated_mlp(plan.args), extra=dict(reader.meta),
+                  extra_state=carried_extra_state(reader, plan, ckpt_format)[0])
     share = shares(plan, ckpt_format, world)[rank] if world > 1 else None
     if share is None:
         writer = megatron_writer(ckpt_format, out, plan.layout, plan.metas, **kwargs)

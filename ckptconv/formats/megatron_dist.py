@@ -296,6 +296,15 @@ class MegatronDistReader(ClosesOnExit):
         v = self._store.view(key, (*lead, *offsets), (*[1] * len(lead), *sizes))
         return None if v is None else v.view(v.shape[len(lead):])
 
+    def extra_state_objects(self) -> dict[str, dict[None, Any]]:
+        """`_extra_state` entries: logical key -> {None: the stored object} (one per module,
+        Megatron's TP-replicated ShardedObject; None: for every TP rank)."""
+        out: dict[str, dict[None, Any]] = {}
+        for name, key in self._extra_keys.items():
+            obj = self._store.read_object(key)
+            out[name] = {None: obj[0] if isinstance(obj, list) and len(obj) == 1 else obj}
+        return out
+
     def read_extra_state(self, name: str) -> Any:
         """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""
         self.verify_integrity()

@@ -165,7 +165,7 @@ class MegatronDistWriter(CommitsOnExit):
 
     def __init__(self, out_root: Path, layout: MegatronLayout, metas: list[TensorMeta], *, args: Any,
                  iteration: int | str, impl: str, tie_copy: bool, gated_mlp: bool = True,
-                 extra: dict | None = None):
+                 extra: dict | None = None, extra_state: dict[str, dict[int, torch.Tensor]] | None = None):
         self.out_root, self.layout, self.iteration = Path(out_root), layout, iteration
         self.iter_dir = self.out_root / iteration_dir_name(iteration)
         self._metas = {m.name: m for m in metas}
@@ -181,7 +181,8 @@ class MegatronDistWriter(CommitsOnExit):
                          if it.type == WriteItemType.SHARD}
         extra_items = _extra_items(metas, layout, per_layer)
         self._payload = _list_payload(None)
-        self._byte_payloads: dict[str, bytes] = {}
+        self._byte_payloads: dict[str, bytes] = {
+            _extra_fqn(k, layout, per_layer): _list_payload(v[min(v)]) for k, v in (extra_state or {}).items()}
         if WRITE_LAYOUT.common_item:
             self._byte_payloads[COMMON_ITEM] = _list_payload(self._common)
             extra_items.append(WriteItem(MetadataIndex(COMMON_ITEM), WriteItemType.BYTE_IO))
@@ -306,9 +307,17 @@ def _extra_items(metas: list[TensorMeta], layout: MegatronLayout, per_layer: boo
     names = [to_impl(m.name, "transformer_engine", moe_layer=m.name.split(".mlp.")[0] in moe) for m in metas]
     out = []
     for name in extra_state_keys(names, "transformer_engine", has_output_layer=False):
-        fqn, index = stacked_key(name, per_layer)
-        lead = _lead_sizes(fqn, layout)
-        index, lead = (index, lead) if index else ((0,), (1,))      # a per-layer module: shard_0_1
-        out.append(WriteItem(MetadataIndex(f"{fqn}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, lead))}"),
-                             WriteItemType.BYTE_IO))
+        out.append(WriteItem(MetadataIndex(_extra_fqn(name, layout, per_layer)), WriteItemType.BYTE_IO))
     return out
+
+
+def _extra_fqn(name: str, layout: MegatronLayout, per_layer: bool = False) -> str:
+    """The BYTES item of a logical `_extra_state` key: `shard_{layer}_{L}`, per expert
+    `shard_{layer}.{g}_{L}.{E}`, a per-layer module `shard_0_1`."""
+    sk = stacked_key(name, per_layer)
+    if sk is None:
+        return f"{name}/shard_0_1"
+    fqn, index = sk
+    lead = _lead_sizes(fqn, layout)
+    index, lead = (index, lead) if index else ((0,), (1,))      # a per-layer module: shard_0_1
+    return f"{fqn}/shard_{'.'.join(map(str, index))}_{'.'.join(map(str, lead))}"

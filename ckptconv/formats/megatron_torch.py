@@ -165,6 +165,7 @@ class MegatronTorchReader(ClosesOnExit):
         lay = self.layout
         self.impl = "transformer_engine"
         self.extra_state: list[str] = []
+        self._extra_objects: dict[str, dict[int, Any]] = {}
         self._pieces: dict[str, dict[int, Any]] = {}
         self.expert_form: str | None = None       # "sequential" | "grouped" for MoE checkpoints
         keys = model_keys(lay.chunks)
@@ -183,6 +184,8 @@ class MegatronTorchReader(ClosesOnExit):
                         name = lay.global_name(p, v, canonical, e)
                         if name not in self.extra_state:
                             self.extra_state.append(name)
+                        if is_extra_state(local):       # first EP rank's copy of a dense module's state
+                            self._extra_objects.setdefault(name, {}).setdefault(t, value)
                         continue
                     if not hasattr(value, "load"):
                         raise CorruptCheckpoint(f"entry is a {type(value).__name__}, not a tensor",
@@ -233,6 +236,11 @@ class MegatronTorchReader(ClosesOnExit):
 
     def kind(self, name: str) -> str:
         return tp_kind(name, gated_mlp=gated_mlp(self.args))
+
+    def extra_state_objects(self) -> dict[str, dict[int, Any]]:
+        """`_extra_state` entries: global key (TE names) -> {TP rank: stored object (None,
+        LazyTensor, Placeholder...)}."""
+        return {k: dict(v) for k, v in self._extra_objects.items()}
 
     def tensors(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
@@ -320,8 +328,10 @@ class MegatronTorchWriter(CommitsOnExit):
 
     def __init__(self, out_root: Path, layout: MegatronLayout, metas: list[TensorMeta], *, args: Any,
                  iteration: int | str, impl: str, tie_copy: bool, gated_mlp: bool = True,
-                 extra: dict | None = None, files: set[tuple[int, int]] | None = None):
+                 extra: dict | None = None, files: set[tuple[int, int]] | None = None,
+                 extra_state: dict[str, dict[int, torch.Tensor]] | None = None):
         # files: write only these (tp_rank, pp_rank, ep_rank) files (one worker's share); None: all
+        # extra_state: global `_extra_state` key (TE names) -> {TP rank: tensor} to store; others None
         self.out_root, self.layout, self.impl = Path(out_root), layout, impl
         self.iteration = iteration
         self.gated_mlp = gated_mlp
@@ -349,19 +359,25 @@ class MegatronTorchWriter(CommitsOnExit):
         self.iter_dir = self.out_root / iteration_dir_name(iteration)
         self._files: dict[tuple[int, int, int], StreamingTorchSave] = {}
         keys = model_keys(layout.chunks)
+        carried: dict[tuple[int, int, int], list[tuple[str, torch.Tensor]]] = {}
         for (t, p, e), chunks in per_file.items():
             models = {}
             for v, tensors in enumerate(chunks):
                 last = p == layout.pp - 1 and v == layout.chunks - 1
                 sd = dict(tensors)
                 for k in extra_state_keys(list(tensors), impl, has_output_layer=last):
-                    sd[k] = None
+                    state = (extra_state or {}).get(to_canonical(layout.global_name(p, v, k, e)), {}).get(t)
+                    sd[k] = None if state is None else TensorSlot(f"{v}/{k}", tuple(state.shape), state.dtype)
+                    if state is not None:
+                        carried.setdefault((t, p, e), []).append((f"{v}/{k}", state))
                 models[keys[v]] = dict(sorted(sd.items(), key=lambda kv: _state_order(kv[0])))
             template = {"args": args, "checkpoint_version": 3.0, "iteration": it_value, **models,
                         "ckptconv": extra or {}}
             path = self.iter_dir / rank_dir_name(t, p, layout.pp, e, layout.ep) / FILE_NAME
             path.parent.mkdir(parents=True, exist_ok=True)
             self._files[(t, p, e)] = StreamingTorchSave(path, template)
+            for slot, state in carried.get((t, p, e), ()):
+                self._files[(t, p, e)].write(slot, state)
 
     def holds(self, name: str) -> bool:
         """Whether any file of this writer takes (part of) ``name``."""
