@@ -25,7 +25,11 @@ def _write(dest: str, text: str) -> None:
               help="Write the JSON report here ('-' = stdout).")
 @click.option("--junit", "junit_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JUnit XML report (one test case per parameter) here ('-' = stdout).")
-@click.option("--logits", is_flag=True, help="Also run both models on fixed tokens and compare logits.")
+@click.option("--logits/--no-logits", default=None,
+              help="Run both models on fixed tokens and compare logits: always / never. Default: when A and "
+                   "B are of different frameworks, their tensors agree and the run fits --logits-budget.")
+@click.option("--logits-budget", type=float, default=120.0, show_default=True,
+              help="Seconds the automatic logits check may be estimated to take.")
 @click.option("--atol", type=float, default=None, help="Accept differences within this absolute tolerance.")
 @click.option("--rtol", type=float, default=None, help="Accept differences within this relative tolerance.")
 @click.option("--iteration", default="latest", show_default=True, help="Megatron iteration: latest|release|N.")
@@ -33,7 +37,7 @@ def _write(dest: str, text: str) -> None:
               help="HF config.json (or its directory) for Megatron checkpoints that carry none.")
 @debug_option
 @handle_errors
-def command(a, b, json_file, junit_file, logits, atol, rtol, iteration, hf_config):
+def command(a, b, json_file, junit_file, logits, logits_budget, atol, rtol, iteration, hf_config):
     """Compare checkpoint B against A (HF or Megatron at any TP/PP, or a fingerprint manifest as
     B) parameter by parameter; explain any difference."""
     if json_file == "-" and junit_file == "-":
@@ -47,7 +51,8 @@ def command(a, b, json_file, junit_file, logits, atol, rtol, iteration, hf_confi
         from ..verify.junit import junit_xml
 
         report = verify_checkpoints(a, b, atol=atol, rtol=rtol, iteration=iteration,
-                                    hf_config=load_hf_config_arg(hf_config), logits=logits)
+                                    hf_config=load_hf_config_arg(hf_config), logits=logits,
+                                    logits_budget=logits_budget)
     if json_file:
         _write(json_file, json.dumps(report.to_dict(), indent=2) + "\n")
     if junit_file:

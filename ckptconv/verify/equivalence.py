@@ -11,6 +11,7 @@ from ..errors import CkptError, LayoutError
 from ..formats.megatron_args_fields import REFUSED_UNLESS, check_args_fields
 from ..plan.megatron_layout import tp_kind
 from .compare import TensorResult, compare_tensor, rule_for, sketch, status_for
+from .logits_budget import LOGITS_BUDGET_S, cross_framework, decide_logits
 from .diagnose import Context, diagnose, group_label
 from .diagnose_layers import split_layer
 from .diagnose_experts import candidates
@@ -26,8 +27,11 @@ MAX_NEIGHBOUR_READS = 256      # A tensors re-read at most to name a layer offse
 
 def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = None, rtol: float | None = None,
                        iteration: str | int = "latest", hf_config: dict | None = None,
-                       logits: bool = False) -> Report:
-    """Compare checkpoint (or manifest) B against A; see docs/verification.md."""
+                       logits: bool | None = False, logits_budget: float = LOGITS_BUDGET_S) -> Report:
+    """Compare checkpoint (or manifest) B against A; see docs/verification.md. ``logits``: True
+    always runs the logits tier, False never, None (the CLI's default) when A and B are of
+    different frameworks, their tensors agree, and the run is estimated to fit ``logits_budget``
+    seconds."""
     t0, c0 = time.perf_counter(), time.process_time()
     report = Report(str(a), str(b))
     with ExitStack() as stack:
@@ -35,6 +39,7 @@ def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = Non
         stack.callback(sa.close)
         sb = open_side(b, "B", iteration=iteration, hf_config=hf_config)
         stack.callback(sb.close)
+        cross = cross_framework(sa, sb)
         if logits and "manifest" in (sa.kind, sb.kind):
             raise CkptError("--logits needs two checkpoints, not a manifest",
                             path=b if sb.kind == "manifest" else a, fix="drop --logits or pass the checkpoint itself")
@@ -45,6 +50,7 @@ def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = Non
             compare_with_manifest(sa, sb, report)
         else:
             compare_tensors(sa, sb, report, atol, rtol)
+        logits = decide_logits(report, sa, sb, cross, logits, logits_budget)
     if logits:
         from .logits import compare_logits
         report.logits = compare_logits(a, b, iteration=iteration, hf_config=hf_config)

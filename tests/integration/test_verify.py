@@ -365,3 +365,55 @@ def test_fast_path_sees_one_element_and_ignores_padding(src, tmp_path):
     (bad,) = [t for t in report["tensors"] if t["status"] == "differs"]
     assert code == 1 and bad["name"] == name and bad["n_diff"] == 1
     assert "word_embeddings: differences only in TP shard 1 of 2" in bad["diagnosis"]
+
+
+# ---------------------------------------------------------------- self-consistent wrong mapping
+class _ConcatQKV:
+    """A wrong QKV op that is its own exact inverse: plain [Q; K; V] instead of Megatron's
+    per-query-group interleave (what the issue's experiment put in the family table)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def forward(self, xs, ctx):
+        return torch.cat(list(xs), dim=0)
+
+    def inverse(self, t, ctx):
+        return [x.contiguous() for x in torch.split(t, [s[0] for s in self.inverse_shapes(t.shape, ctx)], dim=0)]
+
+    def forward_shape(self, shapes, ctx):
+        return self.real.forward_shape(shapes, ctx)
+
+    def inverse_shapes(self, shape, ctx):
+        return self.real.inverse_shapes(shape, ctx)
+
+
+@pytest.fixture
+def concat_qkv_table(monkeypatch):
+    """The QKV op of the family table replaced by _ConcatQKV in this process, both directions
+    (conversion and verify's tensor tier; the runtime's ranks read Megatron's layout themselves)."""
+    from ckptconv import ops
+    from ckptconv.verify import pieces
+
+    monkeypatch.setitem(ops.OPS, "qkv", _ConcatQKV(ops.OPS["qkv"]))
+    pieces.row_map.cache_clear()
+    pieces.piece_runs.cache_clear()
+    yield
+    pieces.row_map.cache_clear()
+    pieces.piece_runs.cache_clear()
+
+
+def test_cross_framework_verify_catches_a_self_consistent_wrong_mapping(realistic, tmp_path, concat_qkv_table):
+    """Issue 18.2(b): with a wrong but self-consistent mapping every tensor check passes; the
+    automatic logits check of a cross-framework verify (the model fits the budget) fails it."""
+    mg = to_megatron(realistic, tmp_path / "mg", tp=1)
+    code, report = verify_json(realistic, mg, "--no-logits")
+    assert code == 0 and report["num_failed"] == 0 and report["logits"] is None      # tensors fooled
+    assert any("relative to ckptconv's layout tables" in n for n in report["notes"]), report["notes"]
+    code, report = verify_json(realistic, mg)                                         # default: auto
+    assert code == 1 and report["num_failed"] == 0 and not report["logits"]["ok"], report["logits"]
+    assert report["logits"]["max_abs"] > 1000 * report["logits"]["thresholds"]["max_abs"]
+    assert any("logits check run automatically" in n for n in report["notes"])
+    code, report = verify_json(realistic, mg, "--logits-budget", "1")                  # does not fit
+    assert code == 0 and report["logits"] is None
+    assert any("relative to ckptconv's layout tables" in n and "--logits-budget 1" in n for n in report["notes"])
