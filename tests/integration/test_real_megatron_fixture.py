@@ -2,6 +2,8 @@
 numpy RNG state) converts to HF whose logits match Megatron-Core's stored logits."""
 from __future__ import annotations
 
+import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,18 +26,22 @@ def test_real_megatron_checkpoint_to_hf_matches_megatron_logits(tmp_path):
 
 
 def test_real_megatron_checkpoint_with_wrong_layout_is_caught(tmp_path):
-    """Negative control: reading the same files as TE-named GQA with the groups reversed
-    (by editing the HF output's k/v) no longer matches Megatron's logits."""
+    """Negative control on the input that is read: the k and v rows of layer 1's query group in
+    TP rank 1's file swapped (Megatron stores [q (2 heads); k; v] per group; TP=2 holds one
+    group per rank) -> the conversion of that checkpoint no longer matches Megatron's logits."""
     ref = load_file(FIXTURE / "reference_logits.safetensors")
-    megatron_to_hf(FIXTURE, tmp_path / "hf", show_progress=False)
-    path = tmp_path / "hf" / "model.safetensors"
-    sd = load_file(path)
-    k, v = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"
-    sd[k], sd[v] = sd[v].clone(), sd[k].clone()
-    from safetensors.torch import save_file
-    save_file(sd, path, metadata={"format": "pt"})
+    src = tmp_path / "mg"
+    shutil.copytree(FIXTURE, src)
+    f = src / "iter_0000010" / "mp_rank_01_000" / "model_optim_rng.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(f, weights_only=False)
+    w = obj["model"]["decoder.layers.1.self_attention.linear_qkv.weight"]
+    assert w.shape[0] == 2 * 16 + 16 + 16
+    w[32:48], w[48:64] = w[48:64].clone(), w[32:48].clone()
+    torch.save(obj, f)
+    megatron_to_hf(src, tmp_path / "hf", show_progress=False)
     diff = (hf_logits(tmp_path / "hf", ref["tokens"]) - ref["logits"]).abs().max().item()
-    assert diff > 1e-3
+    assert diff > 1e-3, diff
 
 
 def test_inspect_lists_training_state():
