@@ -294,9 +294,10 @@ NEUTRAL = _names("""
     vision_backbone_type vision_pretraining vision_pretraining_type
     # workload inspector
     run_workload_inspector_server
-    # derived by validate_args / written with the checkpoint
-    params_dtype iteration consumed_train_samples consumed_valid_samples rank world_size
-    data_parallel_size
+    # derived by parse_args / validate_args, or set when saving
+    consumed_train_bins consumed_train_samples consumed_valid_samples cpu_offloading data_parallel_size
+    grpo_samples_per_iteration iteration params_dtype rank skipped_train_samples
+    transformer_pipeline_model_parallel_size use_custom_fsdp variable_seq_lengths world_size
 """)
 
 

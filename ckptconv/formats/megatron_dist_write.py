@@ -58,14 +58,16 @@ from .megatron_dist_layout import BACKEND, COMMON_FILE, COMMON_ITEM, WRITE_LAYOU
 from .megatron_names import extra_state_keys, to_impl
 from .megatron_torch import LATEST, iteration_dir_name
 from .closing import CommitsOnExit
+from .safe_pickle_policy import RePickleModule
 
 CHECKPOINT_CONFIG = WRITE_LAYOUT.config
 
 
 def _list_payload(obj: Any) -> bytes:
-    """A ShardedObject's stored bytes: torch.save([obj]) (not pickled a second time)."""
+    """A ShardedObject's stored bytes: torch.save([obj]) (not pickled a second time; objects our
+    unpickler read as placeholders are written back as what they stand for)."""
     buf = io.BytesIO()
-    torch.save([obj], buf)
+    torch.save([obj], buf, pickle_module=RePickleModule)
     return buf.getvalue()
 
 
@@ -270,7 +272,7 @@ class MegatronDistWriter(CommitsOnExit):
         if self._failure is not None:
             raise self._failure
         if WRITE_LAYOUT.common_file:
-            torch.save(self._common, self.iter_dir / COMMON_FILE)
+            torch.save(self._common, self.iter_dir / COMMON_FILE, pickle_module=RePickleModule)
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(CHECKPOINT_CONFIG))
         write_manifest(self.iter_dir)
         (self.out_root / LATEST).write_text(str(self.iteration))

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import copyreg
+import pickle
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -67,6 +69,7 @@ class Placeholder:
     Records constructor ``args``/``kwargs``, BUILD ``state``, appended ``items`` and set
     ``dict_items``. No ``__getattr__``/properties: attribute access runs no code."""
     qualname = "?"
+    pickled_as: tuple[str, str] | None = None     # (module, name) the class was read as
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         self = object.__new__(cls)
@@ -90,6 +93,33 @@ class Placeholder:
 
     def __repr__(self) -> str:
         return f"<Placeholder {self.qualname} args={len(self.args)} state={type(self.state).__name__}>"
+
+    def __reduce_ex__(self, protocol: int):
+        """Pickled again (by ``RePickler`` only) as the object it stands for: ``cls.__new__(cls,
+        *args)`` of the original class, then its state and items (an enum member, e.g.
+        Megatron-LM's ``AttnBackend.auto`` in args, comes back as that member)."""
+        return (copyreg.__newobj__, (type(self), *self.args), self.state,
+                iter(self.items) if self.items else None, iter(self.dict_items.items()) if self.dict_items else None)
+
+
+class RePickler(pickle._Pickler):
+    """A pickler that writes a Placeholder as a reference to the class it stands for (module and
+    name as they were read; nothing is imported), so a checkpoint read with our unpickler can be
+    written back with its other libraries' objects intact (reshard carries args verbatim)."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        where = getattr(obj, "pickled_as", None) if isinstance(obj, type) and issubclass(obj, Placeholder) else None
+        if where is None:
+            return super().save_global(obj, name)
+        module, attr = where
+        self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode("utf-8"))
+        self.memoize(obj)
+
+
+class RePickleModule:
+    """``pickle_module`` for ``torch.save`` that uses :class:`RePickler`."""
+    Pickler = RePickler
+    HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def _ints(x: Any, what: str) -> tuple[int, ...]:
@@ -168,5 +198,6 @@ def _find_global(module: str, name: str, table: dict[tuple[str, str], Any],
     qual = f"{module}.{name}"
     if qual not in placeholders:
         placeholders[qual] = type(name.rsplit(".", 1)[-1], (Placeholder,), {
-            "qualname": qual, "__module__": __name__, "__qualname__": f"Placeholder[{qual}]"})
+            "qualname": qual, "pickled_as": (module, name), "__module__": __name__,
+            "__qualname__": f"Placeholder[{qual}]"})
     return placeholders[qual]

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import LayoutError, MissingTensors, WriteFailed
 from .closing import CommitsOnExit
-from .safe_pickle_policy import STORAGE_DTYPES
+from .safe_pickle_policy import STORAGE_DTYPES, RePickler
 
 _STORAGE_NAMES = {dt: n for n, dt in STORAGE_DTYPES.items() if n != "UntypedStorage"}
 _ALIGNMENT = 64
@@ -64,8 +64,9 @@ class _Storage:
         self.pid = pid
 
 
-class _SlotPickler(pickle.Pickler):
-    """Protocol-2 pickler that turns TensorSlots into torch tensor reductions."""
+class _SlotPickler(RePickler):
+    """Protocol-2 pickler that turns TensorSlots into torch tensor reductions (and writes the
+    Placeholders of a checkpoint read by our unpickler back as the objects they stand for)."""
 
     def __init__(self, file: io.BytesIO, owner: "StreamingTorchSave"):
         super().__init__(file, protocol=2)

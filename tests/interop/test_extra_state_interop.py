@@ -105,3 +105,19 @@ def test_torch_dist_carries_unambiguous_state_and_megatron_loads_it(src, tmp_pat
                 assert v is None
             else:
                 assert torch.equal(v, state_bytes(layer, module, 0)), (t, layer, module)
+
+
+def test_reshard_writes_megatrons_own_args_objects_back(tmp_path):
+    """Real Megatron-LM args hold megatron-core objects (AttnBackend.auto); our unpickler reads
+    them as inert placeholders, and reshard writes them back as the same objects."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    src_args = load(rank_files(FIXTURE)[(0, 0)])["args"]
+    assert src_args.attention_backend is AttnBackend.auto
+    reshard(FIXTURE, tmp_path / "t", ckpt_format="torch", tp=1, pp=1, show_progress=False)
+    reshard(FIXTURE, tmp_path / "d", ckpt_format="torch_dist", tp=1, pp=1, show_progress=False)
+    for args in (load(rank_files(tmp_path / "t")[(0, 0)])["args"], load(tmp_path / "d" / "iter_0000010" / "common.pt")["args"]):
+        assert args.attention_backend is AttnBackend.auto
+        changed = {k for k in vars(src_args) if getattr(args, k, None) != getattr(src_args, k)}
+        assert changed <= {"tensor_model_parallel_size", "pipeline_model_parallel_size", "padded_vocab_size",
+                           "ckpt_format", "use_dist_ckpt", "num_layers_per_virtual_pipeline_stage"}, changed
