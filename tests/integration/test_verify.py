@@ -375,6 +375,9 @@ class _ConcatQKV:
     def __init__(self, real):
         self.real = real
 
+    def __getattr__(self, name):          # other properties of the op (row_wise, ...): the real op's
+        return getattr(self.real, name)
+
     def forward(self, xs, ctx):
         return torch.cat(list(xs), dim=0)
 
