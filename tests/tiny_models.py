@@ -40,7 +40,7 @@ VARIANTS = {
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 4, "n_head": 8, "n_positions": 256, "vocab_size": 250}),
     # small soft-caps and a query_pre_attn_scalar != head_dim so that each of them shows in the logits
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 5,
-                                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+                                "attn_logit_softcapping": 0.02, "final_logit_softcapping": 3.0}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 5,
                                     "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}),
 }

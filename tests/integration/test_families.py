@@ -117,3 +117,13 @@ def test_verify_names_the_family_specific_parameter(hf_model_dir, tmp_path, vari
     report = json.loads(r.stdout)
     failed = [t for t in report["tensors"] if t["status"] != "equal"]
     assert len(failed) == 1 and needle in failed[0]["diagnosis"], failed
+
+
+@pytest.mark.parametrize("key,value", [("final_logit_softcapping", None), ("attn_logit_softcapping", None),
+                                       ("query_pre_attn_scalar", 16)])
+def test_gemma_features_change_the_runtime_logits(hf_model_dir, ref, key, value):
+    """Calibration: running the same Gemma 2 weights with one feature dropped moves the logits
+    by more than the 1e-4 the runtime tests accept (so those tests can fail)."""
+    cfg = json.loads((hf_model_dir("gemma2") / "config.json").read_text())
+    got = logits(hf_model_dir("gemma2"), IDS, hf_config={**cfg, key: value})
+    assert (got - ref("gemma2")).abs().max().item() > 1e-3

@@ -100,7 +100,7 @@ def test_gemma_args_record_what_megatron_core_lacks():
     g2 = args_of(config_from_hf(hf_config("gemma2")))
     assert g2.layernorm_zero_centered_gamma and g2.apply_layernorm_1p and g2.gated_linear_unit and g2.openai_gelu
     assert not g2.swiglu and g2.kv_channels == 16 and g2.softmax_scale == 24 ** -0.5
-    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (2.0, 3.0, 24.0)
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (0.02, 3.0, 24.0)
     assert g2.window_size == (4, 0) and g2.window_attn_skip_freq == 2          # Gemma 2 alternates
     assert g2.ckptconv_sandwich_norms and g2.ckptconv_embedding_scale
     g3 = args_of(config_from_hf(hf_config("gemma3")))
