@@ -14,7 +14,9 @@ Both saves users write are made from the same trained state: ``model_only/``
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import build_model, tokens  # noqa: E402
 
 
-def _worker(rank: int, world: int, port: int, mode: str, variant: str, out: str, steps: int, load: str | None,
+def _worker(rank: int, world: int, store: str, mode: str, variant: str, out: str, steps: int, load: str | None,
             key: str | None):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                          set_model_state_dict)
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a FileStore in the job's own directory: no TCP port to pick, so no race with other jobs
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{store}")
     try:
         torch.manual_seed(0)
         model = build_model(variant, seed=3).train()
@@ -121,9 +123,13 @@ def run_job(out: Path, variant: str = "llama-gqa", steps: int = 3, *, mode: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "load" if load is not None else mode
-    mp.start_processes(_worker, args=(world, free_port(), mode, variant, str(out), steps,
-                                      None if load is None else str(load), key),
-                       nprocs=world, join=True, start_method="spawn")
+    store = tempfile.mkdtemp(prefix="fsdp2_store_")
+    try:
+        mp.start_processes(_worker, args=(world, os.path.join(store, "store"), mode, variant, str(out), steps,
+                                          None if load is None else str(load), key),
+                           nprocs=world, join=True, start_method="spawn")
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
     return out
 
 

@@ -118,7 +118,9 @@ def _rank_main(rank: int, spec: RunSpec, tokens: torch.Tensor, tmp: str, timeout
         if isinstance(e, CkptError):
             record["ckpt"] = {"what": e.what, "path": None if e.path is None else str(e.path),
                               "tensor": e.tensor, "fix": e.fix}
-        (Path(tmp) / f"error_rank{rank}.json").write_text(json.dumps(record))
+        part = Path(tmp) / f".error_rank{rank}.json.part"    # renamed: a reader never sees half a record
+        part.write_text(json.dumps(record))
+        os.replace(part, Path(tmp) / f"error_rank{rank}.json")
         raise
 
 
