@@ -167,6 +167,8 @@ class MegatronTorchReader(ClosesOnExit):
         self.extra_state: list[str] = []
         self._extra_objects: dict[str, dict[int, Any]] = {}
         self._pieces: dict[str, dict[int, Any]] = {}
+        self._replicas: dict[str, list[tuple[Path, int, Any]]] = {}    # copies beyond the one read
+        self._piece_files: dict[tuple[str, int], Path] = {}
         self.expert_form: str | None = None       # "sequential" | "grouped" for MoE checkpoints
         keys = model_keys(lay.chunks)
         for (t, p, e), f in sorted(self._files.items()):
@@ -195,9 +197,12 @@ class MegatronTorchReader(ClosesOnExit):
                     held = self._pieces.setdefault(name, {})
                     if piece not in held:      # other files of the same piece hold replicas
                         held[piece] = value
+                        self._piece_files[(name, piece)] = f.path
                     elif tuple(held[piece].shape) != tuple(value.shape) or held[piece].dtype != value.dtype:
                         raise LayoutError("replicas of one tensor disagree in shape or dtype", path=f.path,
                                           tensor=name, fix="do not mix rank files from different saves")
+                    else:
+                        self._replicas.setdefault(name, []).append((f.path, piece, value))
         self._metas: dict[str, TensorMeta] = {}
         check_expert_set(lay, self._pieces, self._file_of)
         for name, pieces in self._pieces.items():
@@ -244,6 +249,22 @@ class MegatronTorchReader(ClosesOnExit):
 
     def tensors(self) -> dict[str, TensorMeta]:
         return dict(self._metas)
+
+    def replica_mismatches(self) -> list[tuple[str, Path]]:
+        """(tensor, file) of every replica (a TP-replicated norm or bias, an expert held by several
+        TP ranks) whose bytes differ from the copy ``read`` returns. Megatron keeps replicas equal;
+        a difference means a corrupt or mixed checkpoint that reading one copy would hide."""
+        def raw(t: torch.Tensor) -> torch.Tensor:
+            return t.contiguous().reshape(-1).view(torch.uint8)
+
+        def whole(name: str) -> bool:        # read() takes piece 0 of these
+            return self.kind(name) == "replicated" or self.layout.split(name) == 1
+        checks = [(name, piece, path, lazy) for name, c in self._replicas.items() for path, piece, lazy in c]
+        for name, pieces in self._pieces.items():
+            if len(pieces) > 1 and whole(name):
+                checks += [(name, 0, self._piece_files[(name, r)], lazy) for r, lazy in sorted(pieces.items()) if r]
+        return [(name, path) for name, piece, path, lazy in checks
+                if not torch.equal(raw(self._pieces[name][piece].load()), raw(lazy.load()))]
 
     def read(self, name: str) -> torch.Tensor:
         """The full logical tensor, assembled from every TP rank's piece."""

@@ -50,12 +50,31 @@ def verify_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = Non
             compare_with_manifest(sa, sb, report)
         else:
             compare_tensors(sa, sb, report, atol, rtol)
+        add_replica_results(report, sa, sb)
         logits = decide_logits(report, sa, sb, cross, logits, logits_budget)
     if logits:
         from .logits import compare_logits
         report.logits = compare_logits(a, b, iteration=iteration, hf_config=hf_config)
     report.seconds, report.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return report
+
+
+def add_replica_results(report: Report, *sides) -> None:
+    """A per-rank Megatron side whose replicated copies differ: the comparison read one copy
+    (TP rank 0's), so a differing copy is a difference of its own, naming its file (or, where
+    the copy compared already differs, part of that tensor's diagnosis)."""
+    failed = {r.name: r for r in report.results if not r.ok}
+    for side in sides:
+        check = getattr(getattr(side, "reader", None), "replica_mismatches", None)
+        for name, path in (check() if check else []):
+            note = f"{side.label}: the copy of {name} in {path} differs from the one compared"
+            if name in failed:
+                failed[name].diagnosis = "; ".join(x for x in (failed[name].diagnosis, note) if x)
+                continue
+            report.results.append(TensorResult(
+                name, "differs", "every replica equals the copy compared", None, None, None,
+                detail=f"{side.label}: {path}",
+                diagnosis=note + " (replicas must be identical: the checkpoint is corrupt or mixes rank files)"))
 
 
 def _norm(v):

@@ -158,6 +158,25 @@ def test_tp_shard_duplicated(src, tmp_path):
     assert len(failed) == 1 + 4 * 4 + 1 and all("TP shard 1 duplicates shard 0" in t["diagnosis"] for t in failed)
 
 
+def test_replica_on_another_tp_rank_altered(src, tmp_path):
+    """A replicated norm changed by one ulp in TP rank 1's file only: comparisons read one copy,
+    so the other copy must be checked on its own (it passed unnoticed before)."""
+    mg = to_megatron(src, tmp_path / "mg", tp=2)
+    name = "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+
+    def nudge(t, p, sd, models):
+        if t == 1 and name in sd:
+            w = sd[name].clone()
+            w.view(torch.int32)[3] += 1
+            sd[name] = w
+    edit_ranks(mg, nudge)
+    report = assert_broken(src, mg, name, "mp_rank_01")
+    failed = [t for t in report["tensors"] if t["status"] == "differs"]
+    assert [t["name"] for t in failed] == [name]
+    code, _ = verify_json(mg, mg)           # Megatron vs Megatron: the same copy is read on both sides
+    assert code == 1
+
+
 def test_layer_dropped(src, tmp_path):
     bad = shutil.copytree(src, tmp_path / "bad")
 
