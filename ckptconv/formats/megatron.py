@@ -40,7 +40,7 @@ class LazyRegistry(Mapping):
 
 READERS = LazyRegistry({"megatron_torch": ".megatron_torch:MegatronTorchReader",
                         "megatron_torch_dist": ".megatron_dist:MegatronDistReader"})
-WRITERS = LazyRegistry({"torch": ".megatron_torch:MegatronTorchWriter",
+WRITERS = LazyRegistry({"torch": ".megatron_torch_write:MegatronTorchWriter",
                         "torch_dist": ".megatron_dist_write:MegatronDistWriter"})
 
 

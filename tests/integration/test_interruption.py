@@ -52,7 +52,7 @@ def leftovers(dst: Path) -> list[str]:
 # the test kills it at exactly that point (no timing). Test-only: the hooks live in this driver.
 KILL_DRIVER = r"""
 import os, sys
-from ckptconv.formats import megatron_torch as mt
+from ckptconv.formats import megatron_torch_write as mt
 point, argv = int(sys.argv[1]), sys.argv[2:]
 write, close, count = mt.MegatronTorchWriter.write, mt.MegatronTorchWriter.close, [0]
 
