@@ -1,7 +1,6 @@
 """`inspect`: what a checkpoint is, from headers and pickles only (no tensor bytes read)."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -13,17 +12,7 @@ from .formats.megatron_args import config_from_args
 from .formats.megatron import open_megatron_reader
 from .inspect_dcp import dcp_text, inspect_dcp
 from .inspect_deepspeed import inspect_deepspeed
-from .types import TensorMeta, dtype_name
-
-
-def tensor_summary(metas: dict[str, TensorMeta]) -> dict:
-    return {
-        "num_tensors": len(metas),
-        "num_parameters": sum(m.numel for m in metas.values()),
-        "bytes": sum(m.nbytes for m in metas.values()),
-        "dtypes": dict(Counter(dtype_name(m.dtype) for m in metas.values())),
-        "tensors": {n: {"shape": list(m.shape), "dtype": dtype_name(m.dtype)} for n, m in sorted(metas.items())},
-    }
+from .inspect_summary import tensor_summary
 
 
 def inspect_hf(path: Path, iteration: str = "latest") -> dict:
@@ -80,7 +69,7 @@ INSPECTORS: dict[str, Callable[..., dict]] = {
     "megatron_torch": inspect_megatron,
     "deepspeed": inspect_deepspeed,
     "megatron_torch_dist": lambda p, it: inspect_megatron(p, it, "megatron_torch_dist"),
-    "dcp": lambda p, it: inspect_dcp(p, it, tensor_summary=tensor_summary),
+    "dcp": inspect_dcp,
 }
 
 

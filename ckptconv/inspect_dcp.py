@@ -12,6 +12,7 @@ from .families import family_for_hf
 from .formats.dcp_layout import TRAINING_STATE
 from .formats.dcp_slices import DcpStore
 from .formats.dcp_source import DcpSource
+from .inspect_summary import tensor_summary
 
 
 def _optim_dir(path: Path) -> dict:
@@ -25,8 +26,7 @@ def _optim_dir(path: Path) -> dict:
         store.close()
 
 
-def inspect_dcp(path: Path, iteration: str = "latest", *, tensor_summary) -> dict:
-    """``tensor_summary`` is inspect.py's (passed in: inspect.py imports this module)."""
+def inspect_dcp(path: Path, iteration: str = "latest") -> dict:
     with DcpSource(path, None if iteration in ("latest", "release") else iteration) as source:
         lay = source.layout
         try:

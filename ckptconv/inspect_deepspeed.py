@@ -12,6 +12,7 @@ from .formats.deepspeed_pipe import MegatronDeepSpeedReader
 from .formats.deepspeed_zero import DeepSpeedZeroSource, ZeroOptimFiles
 from .formats.megatron_args import config_from_args
 from .formats.safe_pickle import LazyTensor
+from .inspect_summary import tensor_summary
 
 
 def _dtype(ds_config: dict) -> str:
@@ -37,7 +38,6 @@ def _optimizer_info(optim: ZeroOptimFiles) -> dict:
 
 
 def inspect_deepspeed(path: Path, iteration: str = "latest") -> dict:
-    from .inspect import tensor_summary  # inspect.py registers this function; import here avoids a cycle
 
     root, tag_dir, tag = resolve_tag_dir(Path(path), None if iteration == "latest" else iteration)
     cfg, cfg_dir = find_hf_config(root, tag_dir, None)
