@@ -12,67 +12,16 @@ rendezvous, so at most the tensor being serialised and the one being produced ar
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-import torch
-
-from ..errors import LayoutError
 from ..types import TensorMeta
-from .closing import CommitsOnExit
-from .megatron_dist_write import _Aborted, _FileSystemWriter, _Handoff, _item, _LazySavePlanner, save_no_dist
+from .megatron_dist_write import StreamingDcpSave, _item
 from torch.distributed.checkpoint.planner import WriteItemType
 
 
-class DcpWriter(CommitsOnExit):
+class DcpWriter(StreamingDcpSave):
     def __init__(self, out_dir: Path, metas: list[TensorMeta]):
         self.out_dir = Path(out_dir)
         self._metas = {m.name: m for m in metas}
         items = [_item(m.name, (0,) * len(m.shape), m.shape, m.shape, m.dtype, WriteItemType.TENSOR) for m in metas]
-        self._handoff = _Handoff()
-        self._written: set[str] = set()
-        self._failure: BaseException | None = None
-        planner = _LazySavePlanner(items, lambda item: self._handoff.take(item.index.fqn))
-        storage = _FileSystemWriter(self.out_dir, single_file_per_rank=False, sync_files=False,
-                                    thread_count=1, per_thread_copy_ahead=0)
-        self._thread = threading.Thread(target=self._save, args=(planner, storage), daemon=True,
-                                        name="ckptconv-dcp-writer")
-        self._started = False
-
-    def _save(self, planner, storage) -> None:
-        self._failure = save_no_dist(planner, storage)
-        if self._failure is not None:
-            self._handoff.fail(self._failure)
-
-    def _start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        meta = self._metas.get(name)
-        if meta is None:
-            raise LayoutError("tensor is not in the plan", tensor=name, fix="this is a bug in the caller")
-        if tuple(tensor.shape) != meta.shape:
-            raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
-        if name in self._written:
-            raise LayoutError("tensor written twice", tensor=name)
-        self._written.add(name)
-        self._start()
-        self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
-
-    def close(self) -> None:
-        self._start()
-        try:
-            self._handoff.close()
-            self._thread.join()
-        except BaseException:
-            self.abort()
-            raise
-        if self._failure is not None:
-            raise self._failure
-
-    def abort(self) -> None:
-        self._handoff.fail(_Aborted())
-        if self._started:
-            self._thread.join()
+        self._init_save(items, lambda item: self._handoff.take(item.index.fqn), self.out_dir)

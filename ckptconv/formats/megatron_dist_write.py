@@ -160,7 +160,71 @@ def save_no_dist(planner: _LazySavePlanner, storage: _FileSystemWriter) -> BaseE
     return None
 
 
-class MegatronDistWriter(CommitsOnExit):
+class StreamingDcpSave(CommitsOnExit):
+    """torch's `FileSystemWriter` on a save thread, pulling each write item through a lazy save
+    planner; ``write(name, t)`` hands the tensor over through a one-slot rendezvous, so at most the
+    tensor being serialised and the one being produced are alive. A subclass sets ``_metas``, calls
+    ``_init_save`` with its items and their resolver, and adds what it writes after the data
+    (``_commit``)."""
+
+    def _init_save(self, items: list[WriteItem], resolve, out_dir: Path) -> None:
+        self._written: set[str] = set()
+        self._handoff = _Handoff()
+        self._failure: BaseException | None = None
+        planner = _LazySavePlanner(items, resolve)
+        storage = _FileSystemWriter(out_dir, single_file_per_rank=False, sync_files=False,
+                                    thread_count=1, per_thread_copy_ahead=0)
+        # started by the first write() or close(), i.e. inside the caller's `with` block: an
+        # interrupt while the writer is being built leaves no thread behind to create files in an
+        # output directory the caller is removing
+        self._thread = threading.Thread(target=self._save, args=(planner, storage), daemon=True,
+                                        name="ckptconv-dcp-writer")
+        self._started = False
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def _save(self, planner: _LazySavePlanner, storage: _FileSystemWriter) -> None:
+        self._failure = save_no_dist(planner, storage)
+        if self._failure is not None:
+            self._handoff.fail(self._failure)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        meta = self._metas.get(name)
+        if meta is None:
+            raise LayoutError("tensor is not in the plan", tensor=name, fix="this is a bug in the caller")
+        if tuple(tensor.shape) != meta.shape:
+            raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
+        if name in self._written:
+            raise LayoutError("tensor written twice", tensor=name)
+        self._written.add(name)
+        self._start()
+        self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
+
+    def close(self) -> None:
+        self._start()
+        try:
+            self._handoff.close()
+            self._thread.join()
+        except BaseException:       # e.g. Ctrl-C while the save thread finishes: stop it first, so
+            self.abort()            # no file appears after the caller removed the output
+            raise
+        if self._failure is not None:
+            raise self._failure
+        self._commit()
+
+    def _commit(self) -> None:
+        """What is written once every tensor is saved (nothing by default)."""
+
+    def abort(self) -> None:
+        self._handoff.fail(_Aborted())
+        if self._started:
+            self._thread.join()
+
+
+class MegatronDistWriter(StreamingDcpSave):
     """The Megatron writer interface (see `formats/megatron.py`). ``impl``, ``tie_copy`` and
     ``gated_mlp`` are accepted for parity with the per-rank writer and change nothing: stored keys
     are always TE names, a tied output layer is never stored, fc1 keeps its logical layout."""
@@ -188,23 +252,7 @@ class MegatronDistWriter(CommitsOnExit):
         if WRITE_LAYOUT.common_item:
             self._byte_payloads[COMMON_ITEM] = _list_payload(self._common)
             extra_items.append(WriteItem(MetadataIndex(COMMON_ITEM), WriteItemType.BYTE_IO))
-        self._written: set[str] = set()
-        self._handoff = _Handoff()
-        self._failure: BaseException | None = None
-        planner = _LazySavePlanner(extra_items + list(items.values()), self._resolve)
-        storage = _FileSystemWriter(self.iter_dir, single_file_per_rank=False, sync_files=False,
-                                    thread_count=1, per_thread_copy_ahead=0)
-        # started by the first write() or close(), i.e. inside the caller's `with` block: an
-        # interrupt while the writer is being built leaves no thread behind to create files in an
-        # output directory the caller is removing
-        self._thread = threading.Thread(target=self._save, args=(planner, storage), daemon=True,
-                                        name="ckptconv-dcp-writer")
-        self._started = False
-
-    def _start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
+        self._init_save(extra_items + list(items.values()), self._resolve, self.iter_dir)
 
     @staticmethod
     def _plan(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> dict[str, WriteItem]:
@@ -237,11 +285,6 @@ class MegatronDistWriter(CommitsOnExit):
         order = {m.name: k for k, m in enumerate(metas)}
         return dict(sorted(items.items(), key=lambda kv: order[kv[0]]))     # the engine's writing order
 
-    def _save(self, planner: _LazySavePlanner, storage: _FileSystemWriter) -> None:
-        self._failure = save_no_dist(planner, storage)
-        if self._failure is not None:
-            self._handoff.fail(self._failure)
-
     def _resolve(self, item: WriteItem) -> Any:
         if item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._byte_payloads.get(item.index.fqn, self._payload))
@@ -249,38 +292,12 @@ class MegatronDistWriter(CommitsOnExit):
         t = self._handoff.take(name)
         return t.view(*[1] * self._stacked[name], *t.shape) if name in self._stacked else t
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        meta = self._metas.get(name)
-        if meta is None:
-            raise LayoutError("tensor is not in the plan", tensor=name, fix="this is a bug in the caller")
-        if tuple(tensor.shape) != meta.shape:
-            raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
-        if name in self._written:
-            raise LayoutError("tensor written twice", tensor=name)
-        self._written.add(name)
-        self._start()
-        self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
-
-    def close(self) -> None:
-        self._start()
-        try:
-            self._handoff.close()
-            self._thread.join()
-        except BaseException:       # e.g. Ctrl-C while the save thread finishes: stop it first, so
-            self.abort()            # no file appears after the caller removed the output
-            raise
-        if self._failure is not None:
-            raise self._failure
+    def _commit(self) -> None:
         if WRITE_LAYOUT.common_file:
             torch.save(self._common, self.iter_dir / COMMON_FILE, pickle_module=RePickleModule)
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(CHECKPOINT_CONFIG))
         write_manifest(self.iter_dir)
         (self.out_root / LATEST).write_text(str(self.iteration))
-
-    def abort(self) -> None:
-        self._handoff.fail(_Aborted())
-        if self._started:
-            self._thread.join()
 
 
 def _item(fqn: str, offsets, sizes, size, dtype: torch.dtype, kind: WriteItemType) -> WriteItem:
