@@ -51,7 +51,10 @@ def write_logits(path: str, logits: torch.Tensor, tokens: torch.Tensor) -> None:
 def summary_text(s: dict) -> str:
     lg = s["logits"]
     lines = [f"ran {s['family']} from {s['format']} {s['checkpoint']}",
-             f"  TP={s['tp']} PP={s['pp']} VPP={s['vpp']} on {s['ranks']} rank(s), {s['device']}, {s['dtype']}; "
+             f"  TP={s['tp']} PP={s['pp']} VPP={s['vpp']}"
+             + (f" EP={s['ep']} ETP={s['etp']} ({s['num_experts']} experts, top-{s['moe_topk']})"
+                if s.get("num_experts") else "")
+             + f" on {s['ranks']} rank(s), {s['device']}, {s['dtype']}; "
              f"reads: {s['reads']}",
              f"  tokens {s['tokens_shape']} -> logits {lg['shape']} (vocab {s['vocab_size']}, padded "
              f"{s['padded_vocab_size']}) in {s['seconds']:.2f} s",
@@ -71,12 +74,17 @@ def summary_text(s: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-tokens.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Number of random sequences (with --random-tokens).")
-@click.option("--nproc", default="auto", show_default=True, help="Ranks allowed: auto (= TP x PP) or N.")
+@click.option("--nproc", default="auto", show_default=True,
+              help="Ranks allowed: auto (= TP x PP; PP x lcm(TP, ETP x EP) with experts) or N.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Execution dtype.")
 @click.option("--tp", type=click.IntRange(min=1), default=None, help="Re-shard on load to this TP.")
 @click.option("--pp", type=click.IntRange(min=1), default=None, help="Re-shard on load to this PP.")
 @click.option("--vpp", type=click.IntRange(min=1), default=None, help="Virtual pipeline chunks when re-sharding.")
+@click.option("--ep", type=click.IntRange(min=1), default=None,
+              help="Re-shard on load to this expert-parallel degree (Mixture-of-Experts).")
+@click.option("--etp", type=click.IntRange(min=1), default=None,
+              help="Re-shard on load to this expert tensor-parallel degree (must divide TP).")
 @click.option("--iteration", default="latest", show_default=True)
 @click.option("--hf-config", type=click.Path(exists=True), default=None,
               help="HF config.json (or its directory) when the checkpoint carries none.")
@@ -90,14 +98,14 @@ def summary_text(s: dict) -> str:
 @click.option("--save-logits", type=click.Path(), default=None, help="Write logits + tokens (.safetensors, or .pt).")
 @debug_option
 @handle_errors
-def command(ckpt, tokens_text, random_tokens, seed, batch, nproc, dtype, tp, pp, vpp, iteration, hf_config, device,
-            launcher, timeout, json_file, save_logits):
-    """Rerun CKPT (Megatron at any TP/PP/VPP, or HF) on TP x PP ranks and summarise its logits."""
+def command(ckpt, tokens_text, random_tokens, seed, batch, nproc, dtype, tp, pp, vpp, ep, etp, iteration, hf_config,
+            device, launcher, timeout, json_file, save_logits):
+    """Rerun CKPT (Megatron at any TP/PP/VPP/EP, or HF) on its ranks and summarise its logits."""
     if (tokens_text is None) == (random_tokens is None):
         raise click.UsageError("give exactly one of --tokens or --random-tokens")
     if nproc != "auto" and not (nproc.isdigit() and int(nproc) >= 1):
         raise click.BadParameter("must be auto or a positive integer", param_hint="--nproc")
-    spec = prepare_run(ckpt, tp=tp, pp=pp, vpp=vpp, iteration=iteration, device=device,
+    spec = prepare_run(ckpt, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, iteration=iteration, device=device,
                        hf_config=load_hf_config_arg(hf_config),
                        dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     vocab = spec.cfg.vocab_size

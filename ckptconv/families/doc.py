@@ -31,6 +31,12 @@ VERIFIED = {
               "alternating windows); not loadable by Megatron-Core 0.16.1 (see below)",
     "gemma3": "round trips; golden layout (Megatron-Bridge names); runtime vs transformers (q/k norm, two RoPE "
               "bases, window pattern); not loadable by Megatron-Core 0.16.1 (see below)",
+    "mixtral": "round trips (EP/ETP, grouped GEMM); runtime vs transformers at EP 2 (TP/PP/ETP); real Megatron-Core "
+               "load + logits at EP 2; real Megatron-Core save at EP 2 -> HF and runtime (fixtures)",
+    "qwen2_moe": "round trips (EP/ETP, grouped GEMM); runtime vs transformers at EP 2 (shared expert, dense + sparse "
+                 "layers); real Megatron-Core load + logits at EP 2",
+    "qwen3_moe": "round trips (EP/ETP, grouped GEMM); runtime vs transformers at EP 2 (TP/ETP); real Megatron-Core "
+                 "load + logits at EP 2",
 }
 
 

@@ -35,10 +35,19 @@ class RankFailure(RuntimeError):
         self.details = details
 
 
+def ranks_needed(spec: RunSpec) -> str:
+    """'TP x PP = 2 x 2 = 4' (dense), 'PP x lcm(TP, ETP x EP) = 2 x lcm(2, 1 x 2) = 4' (MoE)."""
+    lay = spec.layout
+    if not lay.num_experts or lay.ep * lay.etp == 1:
+        return f"TP x PP = {lay.tp} x {lay.pp} = {spec.world}"
+    return f"PP x lcm(TP, ETP x EP) = {lay.pp} x lcm({lay.tp}, {lay.etp} x {lay.ep}) = {spec.world}"
+
+
 def resolve_nproc(spec: RunSpec, nproc: int | str | None = "auto") -> int:
-    """The number of ranks to start: TP x PP of the run, if ``nproc`` and the machine allow it."""
-    need, lay = spec.world, spec.layout
-    what = f"the run needs TP x PP = {lay.tp} x {lay.pp} = {need} ranks"
+    """The number of ranks to start: the run's world (TP x PP, or PP x lcm(TP, ETP x EP) with
+    experts), if ``nproc`` and the machine allow it."""
+    need = spec.world
+    what = f"the run needs {ranks_needed(spec)} ranks"
     if nproc not in (None, "auto") and int(nproc) < need:
         raise LayoutError(f"{what}, but --nproc is {int(nproc)}", path=spec.path,
                           fix=f"pass --nproc {need} (or auto), or re-shard on load with --tp/--pp")
@@ -77,15 +86,21 @@ def run_distributed(spec: RunSpec, tokens: torch.Tensor, *, rank: int, local_ran
     """Join a process group started by a launcher such as torchrun (which passes RANK,
     LOCAL_RANK, WORLD_SIZE and the rendezvous through the environment). Logits on rank 0."""
     if world != spec.world:
-        raise LayoutError(f"the launcher started {world} processes, the run needs TP x PP = {spec.world}",
+        raise LayoutError(f"the launcher started {world} processes, the run needs {ranks_needed(spec)}",
                           path=spec.path, fix=f"start exactly {spec.world} processes (torchrun --nnodes x "
                                               "--nproc-per-node), or choose --tp/--pp to match")
     device = f"cuda:{local_rank}" if spec.device == "cuda" else "cpu"
-    par = Parallel.init(spec.layout.tp, spec.layout.pp, rank, device, init_method=init_method, timeout_s=timeout_s)
+    par = _init(spec, rank, device, init_method, timeout_s)
     try:
         return run_rank(spec, tokens, par)
     finally:
         par.close()
+
+
+def _init(spec: RunSpec, rank: int, device: str, init_method: str, timeout_s: float) -> Parallel:
+    lay = spec.layout
+    return Parallel.init(lay.tp, lay.pp, rank, device, init_method=init_method, timeout_s=timeout_s,
+                         ep=lay.ep, etp=lay.etp)
 
 
 def threads_per_rank(world: int) -> int:
@@ -106,8 +121,7 @@ def _rank_main(rank: int, spec: RunSpec, tokens: torch.Tensor, tmp: str, timeout
     try:
         torch.set_num_threads(threads_per_rank(spec.world))     # first: before any torch op
         device = f"cuda:{rank}" if spec.device == "cuda" else "cpu"
-        par = Parallel.init(spec.layout.tp, spec.layout.pp, rank, device,
-                            init_method=f"file://{tmp}/store", timeout_s=timeout_s)
+        par = _init(spec, rank, device, f"file://{tmp}/store", timeout_s)
         out = run_rank(spec, tokens, par)
         if out is not None:
             from safetensors.torch import save_file

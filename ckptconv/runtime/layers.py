@@ -44,6 +44,14 @@ NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def activate(h: torch.Tensor, act, gated: bool) -> torch.Tensor:
+    """The MLP's middle: act(gate) * up when gated (h = [gate_r; up_r] of this rank), else act(h)."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
 class ColumnParallelLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias

@@ -2,13 +2,13 @@
 
 A shard source answers ``get(name)`` with this rank's slice of a Megatron logical tensor
 (TE key space, global layer numbers), in the layout a Megatron rank file stores it:
-* ``RankFileShards``: a Megatron per-rank ``torch`` checkpoint run at the TP/PP it was
-  saved with; rank (t, p) opens only ``mp_rank_TT[_PPP]/model_optim_rng.pt`` (safe_pickle)
-  and reads only the byte ranges of its tensors.
+* ``RankFileShards``: a Megatron per-rank ``torch`` checkpoint run at the TP/PP/EP it was
+  saved with; rank (t, p, e) opens only ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``
+  (safe_pickle) and reads only the byte ranges of its tensors.
 * ``LogicalShards``: any reader of Megatron logical tensors (``tensors()``, ``read(name)``):
-  other Megatron formats, a Megatron checkpoint run at another TP/PP, or an HF-named source
+  other Megatron formats, a Megatron checkpoint run at another TP/PP/EP, or an HF-named source
   seen through its family table (``HFAsMegatron``). The rank reads one logical tensor at a
-  time and keeps its TP slice.
+  time and keeps its TP slice (an expert's: its ETP slice), asking only for its own experts.
 ``weight_getter`` checks every slice's shape against the config before it is used.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..formats.megatron_names import is_extra_state, to_canonical
 from ..formats.megatron_torch import FILE_NAME, model_keys, rank_dir_name
 from ..formats.safe_pickle import TorchFile
 from ..ops import get_op
-from ..plan.megatron_layout import MegatronLayout, local_shape, tp_kind, tp_pieces
+from ..plan.megatron_layout import MegatronLayout, tp_kind
 from ..plan.megatron_shapes import logical_shape
 from ..plan.planner import plan_hf_to_megatron
 
@@ -35,10 +35,11 @@ EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 class RankFileShards:
     """One Megatron per-rank torch file: this rank's tensors, lazily."""
 
-    def __init__(self, iter_dir: Path, layout: MegatronLayout, tp_rank: int, pp_rank: int):
-        self.where = Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, layout.pp) / FILE_NAME
+    def __init__(self, iter_dir: Path, layout: MegatronLayout, tp_rank: int, pp_rank: int, ep_rank: int = 0):
+        self.where = Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, layout.pp, ep_rank, layout.ep) / FILE_NAME
         if not self.where.is_file():
-            raise MissingTensors(f"rank file of (tp {tp_rank}, pp {pp_rank}) is missing", path=self.where,
+            at = f"(tp {tp_rank}, pp {pp_rank}" + (f", ep {ep_rank})" if layout.ep > 1 else ")")
+            raise MissingTensors(f"rank file of {at} is missing", path=self.where,
                                  fix="copy the complete checkpoint directory")
         self._file = TorchFile(self.where)
         self._lazy = {}
@@ -54,7 +55,7 @@ class RankFileShards:
                     if not hasattr(value, "load"):
                         raise CorruptCheckpoint(f"entry is a {type(value).__name__}, not a tensor", path=self.where,
                                                 tensor=local, fix="the file is not a model checkpoint")
-                    self._lazy[to_canonical(layout.global_name(pp_rank, v, local))] = value
+                    self._lazy[layout.global_name(pp_rank, v, to_canonical(local), ep_rank)] = value
         except BaseException:
             self.close()
             raise
@@ -135,7 +136,7 @@ class LogicalShards:
             raise MissingTensors("tensor absent from the checkpoint", path=self.where, tensor=name,
                                  fix="the checkpoint does not match its config")
         shape = tuple(self._names[source].shape)
-        ranges = tp_pieces(tp_kind(name, self.gated), shape, self.layout.tp, self.tp_rank, name)
+        ranges = self.layout.pieces(name, tp_kind(name, self.gated), shape, self.tp_rank)
         if hasattr(self.reader, "read_slice"):       # read only this rank's rows / columns
             parts = [self.reader.read_slice(source, d, a, b) for d, a, b in ranges]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
@@ -150,13 +151,15 @@ class LogicalShards:
         self.reader.close()
 
 
-def weight_getter(shards, cfg: ModelConfig, tp: int, padded_vocab: int, dtype: torch.dtype, device):
+def weight_getter(shards, cfg: ModelConfig, layout: MegatronLayout, padded_vocab: int, dtype: torch.dtype, device):
     """``get(name)``: this rank's slice, shape-checked, in the execution dtype and device."""
     def get(name: str) -> torch.Tensor:
         t = shards.get(name)
-        want = local_shape(tp_kind(name, cfg.gated), logical_shape(name, cfg, padded_vocab), tp)
+        want = layout.local_shape(name, tp_kind(name, cfg.gated), logical_shape(name, cfg, padded_vocab))
         if tuple(t.shape) != tuple(want):
-            raise LayoutError(f"this rank holds shape {tuple(t.shape)}, the config needs {tuple(want)} at TP={tp}",
+            split = layout.split(name)
+            at = f"ETP={split}" if split != layout.tp else f"TP={split}"
+            raise LayoutError(f"this rank holds shape {tuple(t.shape)}, the config needs {tuple(want)} at {at}",
                               path=shards.where, tensor=name,
                               fix="the checkpoint does not match its args/config (TP, heads, ffn, vocab padding)")
         if not t.is_floating_point():

@@ -3,7 +3,8 @@
 One block for every family: the norm kind and offset (RMSNorm, LayerNorm with bias, 1 + w),
 the activation and gating of the MLP, biases, learned or rotary (partial, scaled, per-layer
 base) positions, q/k norm, sandwich norms, embedding scale, attention and final soft-capping,
-softmax scale and per-layer sliding windows all come from ``cfg`` (see families.schema).
+softmax scale, per-layer sliding windows and, in Mixture-of-Experts layers, the router rule,
+experts and shared expert (``runtime.moe``) all come from ``cfg`` (see families.schema).
 
 Weights are asked for by their Megatron logical names (TE key space, global layer numbers;
 ``NAMES``) and arrive in the rank-local layout Megatron stores (see ``ckptconv.runtime.loader``):
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from ..errors import UnsupportedFamily
 from ..families.schema import ModelConfig
 from .layers import (ACTIVATIONS, NORMS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                     VocabParallelHead)
+                     VocabParallelHead, activate)
+from .moe import MoE
 from .parallel import Parallel
 
 GetWeight = Callable[[str], torch.Tensor]
@@ -33,7 +35,7 @@ NAMES = {
     "post_attn_norm": "self_attention.linear_proj.post_layernorm.", "post_mlp_norm": "mlp.linear_fc2.post_layernorm.",
     "q_norm": "self_attention.q_layernorm.", "k_norm": "self_attention.k_layernorm.",
     "qkv": "self_attention.linear_qkv.", "proj": "self_attention.linear_proj.",
-    "fc1": "mlp.linear_fc1.", "fc2": "mlp.linear_fc2.",
+    "mlp": "mlp.",
 }
 
 
@@ -151,21 +153,18 @@ class Attention:
 
 
 class MLP:
-    """fc2(act(gate) * up) when gated (fc1 = [gate_r; up_r]), else fc2(act(fc1))."""
+    """fc2(act(gate) * up) when gated (fc1 = [gate_r; up_r]), else fc2(act(fc1)); ``prefix`` +
+    linear_fc1/linear_fc2 (the dense MLP's ``mlp.``, or an MoE layer's ``mlp.shared_experts.``)."""
 
     def __init__(self, cfg: ModelConfig, par: Parallel, get: GetWeight, prefix: str):
-        fc1, fc2 = prefix + NAMES["fc1"], prefix + NAMES["fc2"]
+        fc1, fc2 = prefix + "linear_fc1.", prefix + "linear_fc2."
         bias = cfg.linear_bias
         self.fc1 = ColumnParallelLinear(get(fc1 + "weight"), get(fc1 + "bias") if bias else None)
         self.fc2 = RowParallelLinear(get(fc2 + "weight"), par, get(fc2 + "bias") if bias else None)
         self.act, self.gated = ACTIVATIONS[cfg.activation], cfg.gated
 
     def __call__(self, x):
-        h = self.fc1(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.fc2(self.act(gate) * up)
-        return self.fc2(self.act(h))
+        return self.fc2(activate(self.fc1(x), self.act, self.gated))
 
 
 def _identity(x):
@@ -179,7 +178,10 @@ class DecoderLayer:
         self.norm1 = make_norm(cfg, get, p + NAMES["norm1"])
         self.attn = Attention(cfg, par, get, p, self.window)
         self.norm2 = make_norm(cfg, get, p + NAMES["norm2"])
-        self.mlp = MLP(cfg, par, get, p)
+        if cfg.is_moe_layer(index):       # router + experts (+ shared expert): runtime.moe
+            self.mlp = MoE(cfg, par, get, p, lambda shared: MLP(cfg, par, get, shared))
+        else:
+            self.mlp = MLP(cfg, par, get, p + NAMES["mlp"])
         sandwich = cfg.sandwich_norm
         self.post_attn = make_norm(cfg, get, p + NAMES["post_attn_norm"]) if sandwich else _identity
         self.post_mlp = make_norm(cfg, get, p + NAMES["post_mlp_norm"]) if sandwich else _identity

@@ -2,9 +2,9 @@
 
 Chunks run in global layer order, as Megatron-Core's interleaved schedule does for one
 micro-batch: chunk v of stage p receives [b, s, h] from stage p-1 (from the last stage's
-chunk v-1 when p == 0) and sends its output to stage p+1 (wrapping to stage 0). The last
-chunk of the last stage produces vocab-parallel logits, gathered over TP; its TP rank 0
-sends them to global rank 0.
+chunk v-1 when p == 0) and sends its output to stage p+1 (wrapping to stage 0), always to
+the rank at the same place in the stage. The last chunk of the last stage produces
+vocab-parallel logits, gathered over TP; that stage's rank 0 sends them to global rank 0.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def build_chunks(spec, par: Parallel, get) -> list[ModelChunk]:
 
 def load_rank(spec, par: Parallel) -> list[ModelChunk]:
     """This rank's model chunks, read from its own shard of the checkpoint."""
-    shards = spec.open_shards(par.tp_rank, par.pp_rank)
+    shards = spec.open_shards(par.tp_rank, par.pp_rank, par.ep_rank)
     try:
-        get = weight_getter(shards, spec.cfg, spec.layout.tp, spec.padded_vocab, spec.dtype, par.device)
+        get = weight_getter(shards, spec.cfg, spec.layout, spec.padded_vocab, spec.dtype, par.device)
         return build_chunks(spec, par, get)
     finally:
         shards.close()

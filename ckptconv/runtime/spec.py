@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UnsupportedFamily
-
+from ..engine.packed_experts import with_hub_experts
 from ..families import family_by_name, family_for_hf
 from ..families.schema import ModelConfig
 from ..formats.closing import wrap_or_close
@@ -27,6 +26,7 @@ from ..plan.planner import check_divisibility, plan_hf_to_megatron, plan_megatro
 from ..sources import open_hf_view
 from ..types import dtype_name
 from .loader import HFAsMegatron, LogicalShards, RankFileShards
+from .parallel import stage_size
 
 
 @dataclass(frozen=True)
@@ -45,23 +45,28 @@ class RunSpec:
 
     @property
     def world(self) -> int:
-        return self.layout.tp * self.layout.pp
+        """PP x lcm(TP, ETP x EP) ranks (TP x PP for a dense model); see runtime.parallel."""
+        return self.layout.pp * stage_size(self.layout.tp, self.layout.ep, self.layout.etp)
 
-    def open_shards(self, tp_rank: int, pp_rank: int):
+    def open_shards(self, tp_rank: int, pp_rank: int, ep_rank: int = 0):
         """This rank's shard source (see ckptconv.runtime.loader)."""
         if self.native:
-            return RankFileShards(Path(self.iter_dir), self.layout, tp_rank, pp_rank)
+            return RankFileShards(Path(self.iter_dir), self.layout, tp_rank, pp_rank, ep_rank)
         if self.fmt in MEGATRON_READERS:
             return LogicalShards(open_megatron_reader(Path(self.path), self.fmt, self.iteration), self.layout, tp_rank,
                                  self.cfg.gated)
+        family = family_by_name(self.cfg.family)
         source = open_hf_view(self.path, iteration=self.iteration, hf_config=self.hf_config)
-        return wrap_or_close(source, lambda s: LogicalShards(HFAsMegatron(s, self.cfg, self.layout, self.padded_vocab),
-                                                             self.layout, tp_rank, self.cfg.gated))
+        return wrap_or_close(source, lambda s: LogicalShards(
+            HFAsMegatron(with_hub_experts(s, family, self.cfg), self.cfg, self.layout, self.padded_vocab),
+            self.layout, tp_rank, self.cfg.gated))
 
     def summary(self) -> dict:
         lay = self.layout
+        experts = {"num_experts": self.cfg.num_experts, "moe_topk": self.cfg.moe_topk, "ep": lay.ep, "etp": lay.etp} \
+            if self.cfg.num_experts else {}
         return {"checkpoint": self.path, "format": self.fmt, "family": self.cfg.family,
-                "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ranks": self.world,
+                "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, **experts, "ranks": self.world,
                 "layers_per_stage": lay.stage_layer_counts(), "vocab_size": self.cfg.vocab_size,
                 "padded_vocab_size": self.padded_vocab, "dtype": dtype_name(self.dtype), "device": self.device,
                 "reads": self.reads()}
@@ -85,20 +90,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _override(stored: MegatronLayout, tp, pp, vpp) -> MegatronLayout:
-    if tp is None and pp is None and vpp is None:
-        return stored
+def _override(stored: MegatronLayout, tp, pp, vpp, ep, etp) -> MegatronLayout:
+    experts = {k: v for k, v in (("ep", ep), ("etp", etp)) if v is not None}
+    if tp is not None and etp is None and tp % stored.etp:
+        experts["etp"] = 1                       # a new TP need not be a multiple of the stored ETP
     if pp is None and vpp is None:
-        return replace(stored, tp=tp)
-    return MegatronLayout(tp or stored.tp, pp or stored.pp, stored.num_layers, vpp if vpp and vpp > 1 else None)
+        return replace(stored, **({"tp": tp} if tp is not None else {}), **experts)
+    return MegatronLayout(tp or stored.tp, pp or stored.pp, stored.num_layers, vpp if vpp and vpp > 1 else None,
+                          num_experts=stored.num_experts, ep=experts.get("ep", stored.ep),
+                          etp=experts.get("etp", stored.etp))
 
 
 def prepare_run(path: str | Path, *, tp: int | None = None, pp: int | None = None, vpp: int | None = None,
-                iteration: str | int = "latest", hf_config: dict | None = None,
-                dtype: torch.dtype = torch.float32, device: str = "auto",
+                ep: int | None = None, etp: int | None = None, iteration: str | int = "latest",
+                hf_config: dict | None = None, dtype: torch.dtype = torch.float32, device: str = "auto",
                 cache_dir: str | Path | None = None) -> RunSpec:
-    """Metadata-only preparation of a run. ``tp``/``pp``/``vpp`` choose the execution layout
-    (default: the checkpoint's own for Megatron, 1 x 1 for HF)."""
+    """Metadata-only preparation of a run. ``tp``/``pp``/``vpp``/``ep``/``etp`` choose the
+    execution layout (default: the checkpoint's own for Megatron, all 1 for HF)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the runtime executes in float32 or bfloat16, not {dtype}")
     root = resolve_hf_source(str(path), cache_dir)
@@ -110,22 +118,20 @@ def prepare_run(path: str | Path, *, tp: int | None = None, pp: int | None = Non
             padded = int(getattr(reader.args, "padded_vocab_size", 0)
                          or metas["embedding.word_embeddings.weight"].shape[0])
             plan_megatron_to_hf(family_by_name(cfg.family), cfg, metas, reader.layout, padded)
-            layout = _override(reader.layout, tp, pp, vpp)
+            layout = _override(reader.layout, tp, pp, vpp, ep, etp)
             native = fmt == "megatron_torch" and layout == reader.layout
             iter_dir = str(reader.iter_dir)
     else:
         with open_hf_view(root, iteration=iteration, hf_config=hf_config) as source:
             hf = hf_config or source.config()
             cfg = family_for_hf(hf, Path(source.path) / "config.json").from_hf_config(hf)
-            layout = MegatronLayout(tp or 1, pp or 1, cfg.num_layers, vpp if vpp and vpp > 1 else None)
+            layout = MegatronLayout(tp or 1, pp or 1, cfg.num_layers, vpp if vpp and vpp > 1 else None,
+                                    num_experts=cfg.num_experts, ep=ep or 1, etp=etp or 1)
             padded = pad_vocab_size(cfg.vocab_size, 1, layout.tp)
             check_divisibility(cfg, layout, padded)
-            plan_hf_to_megatron(family_by_name(cfg.family), cfg, source.tensors(), layout, padded)
+            family = family_by_name(cfg.family)
+            plan_hf_to_megatron(family, cfg, with_hub_experts(source, family, cfg).tensors(), layout, padded)
         native, iter_dir = False, None
     check_divisibility(cfg, layout, padded)
-    if cfg.num_experts:
-        raise UnsupportedFamily(f"the bundled runtime does not compute Mixture-of-Experts layers yet ({cfg.family}, "
-                                f"{cfg.num_experts} experts)", path=root,
-                                fix="verify in tensor mode, or run the HF export (megatron-to-hf) with transformers")
     return RunSpec(str(root), fmt, iteration, cfg, layout, padded, native, dtype, resolve_device(device),
                    iter_dir, hf_config)
