@@ -55,3 +55,15 @@ class NonFiniteWeights(CkptError):
 
 class WriteFailed(CkptError):
     """Writing the output failed (disk full, permissions, I/O error)."""
+
+
+def os_error_in_chain(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception (libraries such as torch's writers re-raise I/O
+    failures like ENOSPC as RuntimeError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..errors import CkptError
+from ..errors import CkptError, os_error_in_chain
 
 EXIT_INPUT_ERROR = 2
 
@@ -40,7 +40,7 @@ def handle_errors(fn):
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(EXIT_INPUT_ERROR)
         except Exception as e:
-            io_error = _os_error_in_chain(e)
+            io_error = os_error_in_chain(e)
             if debug or io_error is None:
                 raise
             where = f"; file: {io_error.filename}" if io_error.filename else ""
@@ -51,18 +51,6 @@ def handle_errors(fn):
             click.echo("interrupted: no output was left behind", err=True)
             sys.exit(130)
     return wrapper
-
-
-def _os_error_in_chain(e: BaseException) -> OSError | None:
-    """The OSError behind an exception (libraries such as torch's writers re-raise I/O
-    failures like ENOSPC as RuntimeError), or None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def emit(summary: dict, as_json: bool, text: str) -> None:
@@ -98,7 +86,40 @@ def plan_text(s: dict) -> str:
     for f in s.get("files", []):
         ep = f" ep={f['ep_rank']}" if "ep_rank" in f else ""
         lines.append(f"  rank tp={f['tp_rank']} pp={f['pp_rank']}{ep}: {f['tensors']} tensors, {human_bytes(f['bytes'])}")
+    if s.get("workers", 1) > 1 and "worker_shares" not in s:
+        lines.append(f"  workers: {s['workers']}")
     lines += [f"  check ok: {c}" for c in s["checks"]]
     if s.get("ignored_source_tensors"):
         lines.append(f"  ignored (tied copies / derived buffers): {', '.join(s['ignored_source_tensors'])}")
     return "\n".join(lines)
+
+
+class WorkersType(click.ParamType):
+    """``--workers``: a positive number of processes, or ``auto``."""
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+
+
+workers_option = click.option(
+    "--workers", type=WorkersType(), default="auto", show_default=True,
+    help="Local processes writing the output files in parallel, each reading only what its files need "
+         "(auto: 1 below 2 GiB of output, else min(CPUs, output files, what fits in memory); docs/cli.md).")
+launcher_option = click.option(
+    "--launcher", type=click.Choice(["local", "torchrun"]), default="local", show_default=True,
+    help="torchrun: this process is one rank of a torchrun job and writes its share of the output "
+         "(multi-node: DST on a shared filesystem).")
+
+
+def silent_rank(launcher: str) -> bool:
+    """A torchrun rank other than 0 prints nothing (rank 0 reports for the job)."""
+    if launcher != "torchrun":
+        return False
+    from ..engine.workers import env_rank
+    return env_rank()[0] != 0

@@ -5,7 +5,8 @@ import click
 
 from ..engine.dcp_convert import dcp_to_hf
 from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, human_bytes, json_option,
-                     nonfinite_option, overwrite_option)
+                     nonfinite_option, overwrite_option,
+                     launcher_option, silent_rank, workers_option)
 
 step_option = click.option("--step", default=None, help="torchtitan: which step-N/ (default: the highest).")
 hf_config_option = click.option("--hf-config", type=click.Path(exists=True), default=None,
@@ -36,12 +37,16 @@ def dcp_text(s: dict) -> str:
 @click.option("--dry-run", is_flag=True, help="Print what would be written; read and write no tensor.")
 @overwrite_option
 @nonfinite_option
+@workers_option
+@launcher_option
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, step, hf_config, dtype, max_shard_size, dry_run, overwrite, allow_nonfinite, as_json):
+def command(src, dst, step, hf_config, dtype, max_shard_size, dry_run, overwrite, allow_nonfinite, workers, launcher, as_json):
     """Convert a torch DCP training checkpoint (FSDP2, accelerate save_state, torchtitan) to HF safetensors."""
     summary = dcp_to_hf(src, dst, step=step, hf_config=hf_config, dtype=dtype_arg(dtype), max_shard_size=max_shard_size,
                         overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
-                        show_progress=not as_json)
+                        show_progress=not as_json, workers=workers, launcher=launcher)
+    if silent_rank(launcher):
+        return
     emit(summary, as_json, dcp_text(summary) + ("" if dry_run else f"\nwrote {dst}"))

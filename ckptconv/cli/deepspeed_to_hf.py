@@ -6,7 +6,8 @@ import click
 from ..engine.deepspeed_convert import deepspeed_to_hf
 from ..formats.deepspeed_zero import WEIGHTS
 from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, human_bytes,
-                     json_option, nonfinite_option, overwrite_option)
+                     json_option, nonfinite_option, overwrite_option,
+                     launcher_option, silent_rank, workers_option)
 
 
 def deepspeed_text(s: dict) -> str:
@@ -37,12 +38,16 @@ def deepspeed_text(s: dict) -> str:
 @click.option("--dry-run", is_flag=True, help="Print what would be written; read and write no tensor.")
 @overwrite_option
 @nonfinite_option
+@workers_option
+@launcher_option
 @json_option
 @debug_option
 @handle_errors
-def command(src, dst, tag, weights, hf_config, dtype, max_shard_size, dry_run, overwrite, allow_nonfinite, as_json):
+def command(src, dst, tag, weights, hf_config, dtype, max_shard_size, dry_run, overwrite, allow_nonfinite, workers, launcher, as_json):
     """Consolidate a DeepSpeed checkpoint (ZeRO 1/2/3, BF16_Optimizer, Megatron-DeepSpeed) into HF safetensors."""
     summary = deepspeed_to_hf(src, dst, tag=tag, weights=weights, hf_config=hf_config, dtype=dtype_arg(dtype),
                               max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
-                              allow_nonfinite=allow_nonfinite, show_progress=not as_json)
+                              allow_nonfinite=allow_nonfinite, show_progress=not as_json, workers=workers, launcher=launcher)
+    if silent_rank(launcher):
+        return
     emit(summary, as_json, deepspeed_text(summary) + ("" if dry_run else f"\nwrote {dst}"))

@@ -7,7 +7,8 @@ from ..engine.convert import hf_to_megatron
 from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
 from .common import (debug_option, dtype_arg, dtype_option, emit, handle_errors, json_option,
-                     nonfinite_option, overwrite_option, plan_text)
+                     launcher_option, nonfinite_option, overwrite_option, plan_text,
+                     silent_rank, workers_option)
 
 
 def parse_iteration(value: str) -> int | str:
@@ -48,16 +49,20 @@ def parse_iteration(value: str) -> int | str:
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
 @overwrite_option
 @nonfinite_option
+@workers_option
+@launcher_option
 @json_option
 @debug_option
 @handle_errors
 def command(src, dst, tp, pp, vpp, first_stage_layers, last_stage_layers, ep, etp, moe_grouped_gemm, ckpt_format, transformer_impl, dtype,
-            divisible_by, iteration, cache_dir, download, dry_run, overwrite, allow_nonfinite, as_json):
+            divisible_by, iteration, cache_dir, download, dry_run, overwrite, allow_nonfinite, workers, launcher, as_json):
     """Convert a Hugging Face checkpoint (directory, or hf://org/name from the hub cache) to Megatron-Core."""
     summary = hf_to_megatron(src, dst, tp=tp, pp=pp, vpp=vpp, impl=transformer_impl, dtype=dtype_arg(dtype),
                              divisible_by=divisible_by, iteration=parse_iteration(iteration), ckpt_format=ckpt_format,
                              overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
-                             show_progress=not as_json, cache_dir=cache_dir, download=download, first_stage_layers=first_stage_layers,
+                             show_progress=not as_json, workers=workers, launcher=launcher, cache_dir=cache_dir, download=download, first_stage_layers=first_stage_layers,
                              last_stage_layers=last_stage_layers, ep=ep, etp=etp, moe_grouped_gemm=moe_grouped_gemm)
+    if silent_rank(launcher):
+        return
     text = plan_text(summary) + ("" if dry_run else f"\nwrote {dst}")
     emit(summary, as_json, text)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import click
 
 from ..engine.reshard import reshard
-from ..engine.reshard_workers import env_rank
 from ..formats.megatron import WRITERS
 from ..formats.megatron_names import IMPLS
-from .common import debug_option, emit, handle_errors, json_option, overwrite_option, plan_text
+from .common import (debug_option, emit, handle_errors, json_option, launcher_option, overwrite_option, plan_text,
+                     silent_rank, workers_option)
 
 
 @click.command("reshard")
@@ -32,10 +32,8 @@ from .common import debug_option, emit, handle_errors, json_option, overwrite_op
 @click.option("--iteration", default="latest", show_default=True, help="'latest', 'release' or a number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and checks; read and write no tensor.")
 @overwrite_option
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Local processes writing the output files in parallel (each reads only what its files need).")
-@click.option("--launcher", type=click.Choice(["local", "torchrun"]), default="local", show_default=True,
-              help="torchrun: this process is one rank of a torchrun job and writes its share of the output.")
+@workers_option
+@launcher_option
 @json_option
 @debug_option
 @handle_errors
@@ -46,7 +44,7 @@ def command(src, dst, ckpt_format, tp, pp, vpp, first_stage_layers, last_stage_l
                       first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
                       ep=ep, etp=etp, iteration=iteration, overwrite=overwrite, dry_run=dry_run, workers=workers,
                       launcher=launcher, show_progress=not as_json)
-    if launcher == "torchrun" and env_rank()[0] != 0:
+    if silent_rank(launcher):
         return
     experts = (f" EP={summary['source_ep']} ETP={summary['source_etp']} ({summary['num_experts']} experts)"
                if summary.get("num_experts") else "")

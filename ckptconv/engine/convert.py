@@ -12,12 +12,11 @@ import torch
 
 from .. import __version__
 from ..families import family_for_hf
-from ..formats.atomic import atomic_output_dir
 from ..formats.detect import detect_format
-from ..formats.hf import HFReader, HFWriter
+from ..formats.hf import HFReader
 from ..formats.hf_hub import resolve_hf_source
 from ..errors import UnknownFormat
-from ..formats.megatron import WRITERS, megatron_writer, open_megatron_reader
+from ..formats.megatron import WRITERS, open_megatron_reader
 from ..formats.megatron_args import build_args
 from ..ops import get_op
 from ..plan.megatron_layout import MegatronLayout, pad_vocab_size
@@ -30,7 +29,10 @@ from .memory import release_freed_memory
 from ..formats.hf_config_file import load_hf_config_arg  # noqa: F401  (re-exported for the CLI)
 from ..formats.megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
 from .packed_experts import has_packed_experts, with_hub_experts
+from .manifest_parts import write_fingerprints
 from .progress import progress
+from .share_writers import hf_files, hf_share_writer, megatron_share_writer
+from .workers import Share, WorkerJob, fan_out, output_dir, plan_workers, worker_command
 
 
 def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
@@ -39,8 +41,11 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                        overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
                        show_progress: bool = True, first_stage_layers: int | None = None,
                        last_stage_layers: int | None = None, ep: int = 1, etp: int = 1,
-                       moe_grouped_gemm: bool = False) -> dict:
-    """Write an HF-named source (HF, DeepSpeed, ... see ckptconv.sources) as a Megatron checkpoint."""
+                       moe_grouped_gemm: bool = False, workers: int | str = 1, launcher: str = "local",
+                       share: Share | None = None, job: WorkerJob | None = None) -> dict:
+    """Write an HF-named source (HF, DeepSpeed, ... see ckptconv.sources) as a Megatron checkpoint.
+    ``workers`` > 1 / ``launcher="torchrun"``: ``job`` (this command as a worker re-runs it) writes
+    the output on several processes (engine.workers); ``share``: write only that worker's files."""
     hf_cfg = source.config()
     family = family_for_hf(hf_cfg, Path(source.path) / "config.json")
     cfg = family.from_hf_config(hf_cfg)
@@ -55,7 +60,10 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
         raise UnknownFormat(f"unknown Megatron checkpoint format {ckpt_format!r}", fix=f"use one of {sorted(WRITERS)}")
     if ckpt_format != "torch":
         summary.pop("files", None)      # per-rank files exist only in the per-rank torch format
-    if dry_run:
+    n = plan_workers(summary, workers, launcher, share=share,
+                     units=len(layout.rank_files()) if ckpt_format == "torch" else len(plan.items))
+    if dry_run or fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher,
+                          share=share):
         return summary
     main_dtype = dtype or plan.items[0].megatron.dtype
     args = build_args(cfg, layout, padded_vocab=padded, divisible_by=divisible_by, dtype=main_dtype,
@@ -63,10 +71,12 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                       grouped_gemm=moe_grouped_gemm)
     extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
     fingerprints = ManifestBuilder.for_hf_config(hf_cfg)
-    with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
-        with megatron_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
-                             impl=impl, tie_copy=cfg.tie_embeddings, gated_mlp=cfg.gated, extra=extra) as writer:
-            for item in progress(plan.items, desc="to megatron", enabled=show_progress):
+    with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp:
+        with megatron_share_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
+                                   impl=impl, tie_copy=cfg.tie_embeddings, gated_mlp=cfg.gated, extra=extra,
+                                   share=share) as writer:
+            items = plan.items if share is None else [i for i in plan.items if writer.holds(i.megatron.name)]
+            for item in progress(items, desc="to megatron", enabled=show_progress):
                 xs = [source.read(m.name) for m in item.hf]
                 for m, x in zip(item.hf, xs):
                     check_finite(m.name, x, source.path, allow_nonfinite, item.megatron.dtype)
@@ -76,15 +86,17 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                     fingerprints.add(m.name, x.to(item.megatron.dtype))
                 del xs, t
                 release_freed_memory()
-        assets = tmp / HF_ASSETS_DIR
-        assets.mkdir()
-        (assets / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-        for f in source.asset_files():
-            (assets / f.name).write_bytes(f.read_bytes())
-        fingerprints.write(tmp)
+        if share is None or share.lead:
+            assets = tmp / HF_ASSETS_DIR
+            assets.mkdir()
+            (assets / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+            for f in source.asset_files():
+                (assets / f.name).write_bytes(f.read_bytes())
+        write_fingerprints(fingerprints, tmp, share)
     return summary
 
 
+@worker_command
 def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | None = None,
                    download: bool = False, **kwargs) -> dict:
     """Convert an HF checkpoint (directory, or hf:// repo id: cache, or download if asked) to
@@ -95,25 +107,31 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | 
 
 def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
                  overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
-                 show_progress: bool = True, summary: dict | None = None) -> dict:
+                 show_progress: bool = True, summary: dict | None = None, workers: int | str = 1,
+                 launcher: str = "local", share: Share | None = None, job: WorkerJob | None = None) -> dict:
     """Write any HF-named source as HF safetensors (+ config and tokenizer/generation files);
-    experts packed as transformers 5 holds them are written in the hub's per-expert layout."""
+    experts packed as transformers 5 holds them are written in the hub's per-expert layout.
+    ``workers``, ``launcher``, ``share``, ``job``: as for source_to_megatron (a share is a set of
+    safetensors shard files)."""
     if has_packed_experts(source.tensors()):
         family = family_for_hf(source.config(), Path(source.path) / "config.json")
         source = with_hub_experts(source, family, family.from_hf_config(source.config()))
     metas = [TensorMeta(m.name, m.shape, dtype or m.dtype) for m in source.tensors().values()]
     summary = {"source": str(source.path), "destination": str(dst), "format": "hf",
                "tensors_written": len(metas), "bytes_written": sum(m.nbytes for m in metas), **(summary or {})}
-    if dry_run:
+    n = plan_workers(summary, workers, launcher, share=share, units=len(hf_files(metas, parse_size(max_shard_size))))
+    if dry_run or fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher,
+                          share=share):
         return summary
     config = source.config()
     if dtype is not None:
         config["dtype"] = dtype_name(dtype)
         config.pop("torch_dtype", None)
     fingerprints = ManifestBuilder.for_hf_config(config)
-    with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
-        with HFWriter(tmp, metas, parse_size(max_shard_size)) as writer:
-            for m in progress(metas, desc="to hf", enabled=show_progress):
+    with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp:
+        with hf_share_writer(tmp, metas, parse_size(max_shard_size), share=share) as writer:
+            for m in progress(metas if share is None else [m for m in metas if writer.holds(m.name)],
+                              desc="to hf", enabled=show_progress):
                 t = source.read(m.name)
                 check_finite(m.name, t, source.path, allow_nonfinite, m.dtype)
                 t = t.to(m.dtype)
@@ -121,12 +139,14 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
                 fingerprints.add(m.name, t)
                 del t
                 release_freed_memory()
-            writer.write_config(config)
-            writer.copy_assets(source.asset_files())
-        fingerprints.write(tmp)
+            if share is None or share.lead:
+                writer.write_config(config)
+                writer.copy_assets(source.asset_files())
+        write_fingerprints(fingerprints, tmp, share)
     return summary
 
 
+@worker_command
 def megatron_to_hf(src: str | Path, dst: str | Path, *, iteration: str | int = "latest",
                    hf_config: str | Path | None = None, dtype: torch.dtype | None = None, **kwargs) -> dict:
     """Convert a Megatron checkpoint (any TP/PP/VPP) to HF safetensors (see source_to_hf)."""

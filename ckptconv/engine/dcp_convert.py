@@ -23,11 +23,13 @@ from .checks import check_finite
 from .convert import load_hf_config_arg, source_to_hf, source_to_megatron
 from .memory import release_freed_memory
 from .progress import progress
+from .workers import worker_command
 
 NAMINGS = ("hf", "torchtitan")
 EMBED = "model.embed_tokens.weight"
 
 
+@worker_command
 def dcp_to_hf(src: str | Path, dst: str | Path, *, step: str | int | None = None, hf_config: str | Path | None = None,
               dtype: torch.dtype | None = None, **kwargs) -> dict:
     """A DCP checkpoint's model as HF safetensors (see source_to_hf for kwargs)."""
@@ -35,6 +37,7 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, step: str | int | None = None
         return source_to_hf(source, dst, dtype=dtype, summary=source.summary(), **kwargs)
 
 
+@worker_command
 def dcp_to_megatron(src: str | Path, dst: str | Path, *, step: str | int | None = None,
                     hf_config: str | Path | None = None, **kwargs) -> dict:
     """A DCP checkpoint's model as a Megatron-Core checkpoint (see source_to_megatron)."""

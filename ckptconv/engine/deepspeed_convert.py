@@ -11,6 +11,7 @@ import torch
 
 from ..formats.deepspeed_source import open_deepspeed
 from .convert import source_to_hf, source_to_megatron
+from .workers import worker_command
 
 
 def _summary(source) -> dict:
@@ -28,6 +29,7 @@ def _summary(source) -> dict:
     return out
 
 
+@worker_command
 def deepspeed_to_hf(src: str | Path, dst: str | Path, *, tag: str | int | None = None, weights: str = "master",
                     hf_config: str | Path | None = None, dtype: torch.dtype | None = None, **kwargs) -> dict:
     """Consolidate a DeepSpeed checkpoint into HF safetensors (see source_to_hf for kwargs)."""
@@ -35,6 +37,7 @@ def deepspeed_to_hf(src: str | Path, dst: str | Path, *, tag: str | int | None =
         return source_to_hf(source, dst, dtype=dtype, summary=_summary(source), **kwargs)
 
 
+@worker_command
 def deepspeed_to_megatron(src: str | Path, dst: str | Path, *, tag: str | int | None = None,
                           weights: str = "master", hf_config: str | Path | None = None,
                           dtype: torch.dtype | None = None, **kwargs) -> dict:

@@ -11,14 +11,13 @@ dropped); optimizer, RNG and scheduler state of a training checkpoint are not ca
 
 `plan_reshard` works from metadata alone (for --dry-run and checks); `reshard` executes it
 tensor by tensor, one logical tensor in memory at a time, in this process or split over N worker
-processes / torchrun ranks (`reshard_workers`); the plan itself is in `reshard_plan`.
+processes / torchrun ranks (`engine.workers`, shares in `reshard_workers`); the plan itself is in `reshard_plan`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import CkptError, UnknownFormat
-from ..formats.atomic import atomic_output_dir
 from ..formats.detect import detect_format
 from ..formats.megatron import WRITERS, open_megatron_reader
 from ..formats.megatron_args import config_from_args
@@ -26,7 +25,8 @@ from ..plan.megatron_layout import MegatronLayout
 from ..verify.manifest import MANIFEST_NAME
 from .reshard_extra import carried_extra_state
 from .reshard_plan import ReshardPlan, plan_reshard
-from .reshard_workers import ReshardJob, check_workers, env_rank, run_local, run_torchrun, shares, write_share
+from .reshard_workers import shares, write_share
+from .workers import Share, WorkerJob, check_workers, fan_out, output_dir, plan_workers
 
 def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) -> dict:
     lay = plan.layout
@@ -60,40 +60,37 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
             pp: int | None = None, vpp: int | None = None, impl: str | None = None,
             first_stage_layers: int | None = None, last_stage_layers: int | None = None,
             ep: int | None = None, etp: int | None = None, iteration: str | int = "latest", overwrite: bool = False, dry_run: bool = False,
-            workers: int = 1, launcher: str = "local", show_progress: bool = True) -> dict:
+            workers: int | str = 1, launcher: str = "local", show_progress: bool = True,
+            share: Share | None = None) -> dict:
     """Rewrite a Megatron checkpoint (any reader format) in ``ckpt_format`` at TP/PP/VPP (default:
     the source's), optionally with uneven first/last pipeline stages. ``workers`` > 1 writes the
-    output with that many local processes (see `reshard_workers`). Returns a summary; with
-    ``dry_run`` nothing is read beyond metadata. ``launcher="torchrun"``: this process is one rank
-    of a torchrun job and writes its share (``workers`` is then the job's world size)."""
+    output with that many local processes (``auto``: see engine.workers.resolve_workers). Returns a
+    summary; with ``dry_run`` nothing is read beyond metadata. ``launcher="torchrun"``: this process
+    is one rank of a torchrun job and writes its share (``workers`` is then the job's world size);
+    ``share``: as a worker, write only that share into ``dst`` (the coordinator's directory)."""
     if ckpt_format not in WRITERS:
         raise UnknownFormat(f"unknown Megatron checkpoint format {ckpt_format!r}", fix=f"use one of {sorted(WRITERS)}")
     check_workers(workers)
     src, dst = Path(src), Path(dst)
-    if launcher == "torchrun":
-        workers = env_rank()[1]
     kw = dict(tp=tp, pp=pp, vpp=vpp, impl=impl, first_stage_layers=first_stage_layers,
               last_stage_layers=last_stage_layers, ep=ep, etp=etp)
     with open_megatron_reader(src, detect_format(src), iteration) as reader:
         plan = plan_reshard(reader, **kw)
         summary = _summary(reader, plan, src, dst, ckpt_format)
-        summary["workers"] = workers
+        workers = plan_workers(summary, workers, launcher, share=share,
+                               units=len(plan.layout.rank_files()) if ckpt_format == "torch" else len(plan.metas))
         carried, dropped = carried_extra_state(reader, plan, ckpt_format)
         summary["extra_state_carried"] = sum(len(v) for v in carried.values())
         summary["extra_state_dropped"] = dropped
         summary["worker_shares"] = _share_text(plan, ckpt_format, workers)
         if dry_run:
             return summary
-        job = ReshardJob(str(src), iteration, ckpt_format, kw, show_progress)
-        if launcher != "torchrun":
-            with atomic_output_dir(dst, sources=[src], overwrite=overwrite) as tmp:
-                if workers == 1:
-                    write_share(reader, plan, tmp, ckpt_format, show_progress=show_progress)
-                else:
-                    run_local(job, tmp, workers)
+        job = WorkerJob.of(reshard, src, ckpt_format=ckpt_format, iteration=iteration, show_progress=show_progress, **kw)
+        if not fan_out(job, dst, workers, sources=[src], overwrite=overwrite, launcher=launcher, share=share):
+            with output_dir(dst, sources=[src], overwrite=overwrite, share=share) as tmp:
+                write_share(reader, plan, tmp, ckpt_format, share=share, show_progress=show_progress)
+        if share is None:
             summary["manifest"] = str(dst / MANIFEST_NAME) if (dst / MANIFEST_NAME).is_file() else None
-            return summary
-    run_torchrun(job, dst, overwrite=overwrite)
     return summary
 
 

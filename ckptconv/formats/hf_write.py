@@ -27,8 +27,12 @@ class HFWriter(CommitsOnExit):
 
     INDEX_NAME = "model.safetensors.index.json"
 
-    def __init__(self, out_dir: Path, metas: list[TensorMeta], max_shard_size: int = 5 * 10**9):
+    def __init__(self, out_dir: Path, metas: list[TensorMeta], max_shard_size: int = 5 * 10**9, *,
+                 files: set[str] | None = None, index: bool = True):
+        # files: create and fill only these shard files (one worker's share; None: all);
+        # index: write the index at close (the share's lead worker; the plan of every shard is known)
         self.out_dir = Path(out_dir)
+        self._index = index
         self._metas: dict[str, TensorMeta] = {}
         for m in metas:
             if m.name in self._metas:
@@ -40,12 +44,17 @@ class HFWriter(CommitsOnExit):
             self._metas[m.name] = m
         groups = plan_shards([(m.name, m.nbytes) for m in metas], max_shard_size) or [[]]
         self._shards = [self.out_dir / f for f in shard_file_names(len(groups))]
+        self._file_of = {n: path.name for path, group in zip(self._shards, groups) for n in group}
         self._where: dict[str, tuple[Path, int]] = {}
         self._created: list[Path] = []
         self._written: set[str] = set()
         self._done = False
+        self._mine = {n for path, group in zip(self._shards, groups) if files is None or path.name in files
+                      for n in group}
         try:
             for path, group in zip(self._shards, groups):
+                if files is not None and path.name not in files:
+                    continue
                 offsets = create_shard(path, [self._metas[n] for n in group], self._created)
                 self._where.update((n, (path, off)) for n, off in offsets.items())
         except BaseException:
@@ -61,6 +70,9 @@ class HFWriter(CommitsOnExit):
         if m is None:
             raise MissingTensors("tensor is not in the output plan", path=self.out_dir,
                                  tensor=name, fix="include it in the metas given to HFWriter")
+        if name not in self._mine:
+            raise LayoutError("tensor is in another worker's shard file", path=self.out_dir, tensor=name,
+                              fix="write only the tensors this writer holds()")
         path, offset = self._where[name]
         if name in self._written:
             raise LayoutError("tensor written twice", path=path, tensor=name,
@@ -73,6 +85,10 @@ class HFWriter(CommitsOnExit):
         if data.numel():
             write_at(path, offset, data)
         self._written.add(name)
+
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` goes into one of this writer's shard files."""
+        return name in self._mine
 
     def write_config(self, config: dict) -> None:
         """Write ``config.json`` (indent=2, sorted keys)."""
@@ -93,14 +109,14 @@ class HFWriter(CommitsOnExit):
         """Check every tensor was written; write the index when there are several shards."""
         if self._done:
             return
-        missing = [n for n in self._metas if n not in self._written]
+        missing = [n for n in self._metas if n in self._mine and n not in self._written]
         if missing:
-            raise MissingTensors(f"{len(missing)} of {len(self._metas)} output tensors were "
+            raise MissingTensors(f"{len(missing)} of {len(self._mine)} output tensors were "
                                  f"never written", path=self._where[missing[0]][0],
                                  tensor=missing[0], fix="the conversion plan is incomplete; "
                                  "write every tensor listed in the metas")
-        if len(self._shards) > 1:
-            weight_map = {n: self._where[n][0].name for n in sorted(self._metas)}
+        if len(self._shards) > 1 and self._index:
+            weight_map = {n: self._file_of[n] for n in sorted(self._metas)}
             total = sum(m.nbytes for m in self._metas.values())
             self._write_json(self.INDEX_NAME,
                              {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -15,7 +15,6 @@ import torch
 
 from ckptconv import hf_to_megatron
 from ckptconv.engine.reshard import reshard
-from ckptconv.engine.reshard_workers import partition
 from ckptconv.formats.megatron import READERS
 from ckptconv.formats.detect import detect_format
 from helpers import assert_same_rank_models, one_line_error as exit_2, rank_models, run
@@ -172,11 +171,6 @@ def test_layout_errors_exit_2_without_output(sources, tmp_path, flags, needles):
 
 
 # ------------------------------------------------------------------------------------ workers
-def test_partition_balances_bytes():
-    assert partition({"a": 5, "b": 4, "c": 3, "d": 3}, 2) == [["a", "d"], ["b", "c"]]
-    assert partition({"a": 1}, 3) == [["a"], [], []]
-    assert sorted(sum(partition({i: i % 7 for i in range(50)}, 4), [])) == list(range(50))
-
 
 @pytest.mark.parametrize("fmt,lay", [("torch", (1, 4, None)), ("torch", (4, 1, None)), ("torch_dist", (2, 2, 2))])
 def test_two_workers_write_the_same_checkpoint(sources, tmp_path, fmt, lay):
