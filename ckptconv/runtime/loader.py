@@ -74,8 +74,12 @@ class HFAsMegatron:
     """Megatron logical tensors of an HF-named source (see ckptconv.sources), through the
     family table's forward ops, at the padded vocab the runtime uses."""
 
-    def __init__(self, source, cfg: ModelConfig, layout: MegatronLayout, padded_vocab: int):
+    def __init__(self, source, cfg: ModelConfig, layout: MegatronLayout, padded_vocab: int,
+                 sliceable: bool | None = None):
+        """``sliceable``: whether ``source.read_slice`` reads rows (default: whether it has one; a
+        wrapper such as HubExperts has the method whatever the source beneath it can do)."""
         self.source, self.root = source, source.path
+        self._sliceable = hasattr(source, "read_slice") if sliceable is None else sliceable
         plan = plan_hf_to_megatron(family_by_name(cfg.family), cfg, source.tensors(), layout, padded_vocab)
         self._ctx = plan.ctx
         self._items = {it.megatron.name: it for it in plan.items}
@@ -91,7 +95,7 @@ class HFAsMegatron:
         """Rows (or, for dim 1, columns) ``start:stop`` of ``read(name)``, reading only the
         source rows they come from where the source can slice (HFReader.read_slice)."""
         item, cfg = self._items[name], self._ctx.cfg
-        if dim != 0 or not hasattr(self.source, "read_slice"):
+        if dim != 0 or not self._sliceable:
             return self.read(name).narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
         rows = self.source.read_slice
         if item.op == "identity":

@@ -58,7 +58,8 @@ class RunSpec:
         family = family_by_name(self.cfg.family)
         source = open_hf_view(self.path, iteration=self.iteration, hf_config=self.hf_config)
         return wrap_or_close(source, lambda s: LogicalShards(
-            HFAsMegatron(with_hub_experts(s, family, self.cfg), self.cfg, self.layout, self.padded_vocab),
+            HFAsMegatron(with_hub_experts(s, family, self.cfg), self.cfg, self.layout, self.padded_vocab,
+                         sliceable=hasattr(s, "read_slice")),
             self.layout, tp_rank, self.cfg.gated))
 
     def summary(self) -> dict:

@@ -130,6 +130,28 @@ def test_checkpoint_real_megatron_saved_at_ep2(tmp_path, ckpt, ref_dir, ranks):
     assert diff(got, r["logits"]) <= TOL
 
 
+def test_real_deepspeed_zero2_mixtral_runs_at_ep2():
+    """ZeRO-2 checkpoint of a tiny Mixtral saved by real DeepSpeed 0.19.8 (experts packed as
+    transformers 5 holds them, ``mlp.experts.gate_up_proj``): the runtime at EP 2 against
+    transformers' forward of the engine's fp32 masters."""
+    case = FIXTURES / "deepspeed" / "z2_mixtral_fp32"
+    r = load_file(case / "reference_logits.safetensors")
+    for kw in (dict(ep=2), dict(tp=2, ep=2)):
+        assert diff(logits(case / "checkpoint", r["tokens"], timeout_s=300, **kw), r["logits"]) <= TOL
+
+
+def test_packed_hf_experts_run_at_ep2(hf_model_dir, ref, tmp_path):
+    """An HF file with transformers' in-memory packed expert tensors (not the hub layout)."""
+    import transformers
+    from safetensors.torch import save_file
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir("qwen3-moe"), dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in sd
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(hf_model_dir("qwen3-moe") / "config.json", tmp_path / "config.json")
+    assert diff(logits(tmp_path, IDS, ep=2, timeout_s=300), ref("qwen3-moe")) <= TOL
+
+
 # ------------------------------------------------------------------ calibration: each rule shows
 @pytest.mark.parametrize("variant,change", [
     ("qwen2-moe", dict(moe_norm_topk=True)),          # norm_topk_prob False in the model
