@@ -24,12 +24,13 @@ from ..plan.output_shards import parse_size
 from ..plan.planner import plan_hf_to_megatron
 from ..types import TensorMeta, dtype_name
 from ..verify.manifest import ManifestBuilder
-from .checks import check_finite
+from .checks import StreamChecks, checks_closed
 from .memory import release_freed_memory
 from ..formats.hf_config_file import load_hf_config_arg  # noqa: F401  (re-exported for the CLI)
 from ..formats.megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
 from .packed_experts import has_packed_experts, with_hub_experts
 from .manifest_parts import write_fingerprints
+from .overlap import background_integrity_check, behind, finish_integrity_check
 from .progress import progress
 from .share_writers import hf_files, hf_share_writer, megatron_share_writer
 from .workers import Share, WorkerJob, fan_out, output_dir, plan_workers, worker_command
@@ -71,21 +72,23 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                       grouped_gemm=moe_grouped_gemm)
     extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
     fingerprints = ManifestBuilder.for_hf_config(hf_cfg)
-    with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp:
+    checks = StreamChecks(fingerprints, path=source.path, allow_nonfinite=allow_nonfinite)
+    with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp, \
+            checks_closed(checks):
         with megatron_share_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
                                    impl=impl, tie_copy=cfg.tie_embeddings, gated_mlp=cfg.gated, extra=extra,
                                    share=share) as writer:
             items = plan.items if share is None else [i for i in plan.items if writer.holds(i.megatron.name)]
-            for item in progress(items, desc="to megatron", enabled=show_progress):
-                xs = [source.read(m.name) for m in item.hf]
-                for m, x in zip(item.hf, xs):
-                    check_finite(m.name, x, source.path, allow_nonfinite, item.megatron.dtype)
-                t = get_op(item.op).forward(xs, plan.ctx)
-                writer.write(item.megatron.name, t.to(item.megatron.dtype))
-                for m, x in zip(item.hf, xs):       # what a reader of the output gets back
-                    fingerprints.add(m.name, x.to(item.megatron.dtype))
-                del xs, t
-                release_freed_memory()
+            with behind(writer) as out:
+                for item in progress(items, desc="to megatron", enabled=show_progress):
+                    xs = [source.read(m.name) for m in item.hf]
+                    for m, x in zip(item.hf, xs):   # fingerprints: what a reader of the output gets back
+                        checks.submit(m.name, x, cast=item.megatron.dtype, fingerprint_as=m.name)
+                    t = get_op(item.op).forward(xs, plan.ctx)
+                    out.write(item.megatron.name, t.to(item.megatron.dtype))
+                    del xs, t
+                    release_freed_memory()
+            checks.finish()
         if share is None or share.lead:
             assets = tmp / HF_ASSETS_DIR
             assets.mkdir()
@@ -128,17 +131,21 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
         config["dtype"] = dtype_name(dtype)
         config.pop("torch_dtype", None)
     fingerprints = ManifestBuilder.for_hf_config(config)
-    with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp:
+    checks = StreamChecks(fingerprints, path=source.path, allow_nonfinite=allow_nonfinite)
+    background_integrity_check(source)
+    with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp, \
+            checks_closed(checks):
         with hf_share_writer(tmp, metas, parse_size(max_shard_size), share=share) as writer:
-            for m in progress(metas if share is None else [m for m in metas if writer.holds(m.name)],
-                              desc="to hf", enabled=show_progress):
-                t = source.read(m.name)
-                check_finite(m.name, t, source.path, allow_nonfinite, m.dtype)
-                t = t.to(m.dtype)
-                writer.write(m.name, t)
-                fingerprints.add(m.name, t)
-                del t
-                release_freed_memory()
+            with behind(writer) as out:
+                for m in progress(metas if share is None else [m for m in metas if writer.holds(m.name)],
+                                  desc="to hf", enabled=show_progress):
+                    t = source.read(m.name)
+                    checks.submit(m.name, t, cast=m.dtype, fingerprint_as=m.name)
+                    out.write(m.name, t.to(m.dtype))
+                    del t
+                    release_freed_memory()
+            checks.finish()
+            finish_integrity_check(source)
             if share is None or share.lead:
                 writer.write_config(config)
                 writer.copy_assets(source.asset_files())

@@ -16,6 +16,7 @@ from ..formats.megatron_args import gated_mlp
 from ..formats.megatron_as_hf import HF_ASSETS_DIR
 from ..plan.shares import megatron_file_shares, tensor_shares
 from .memory import release_freed_memory
+from .overlap import background_integrity_check, behind, finish_integrity_check
 from .progress import progress
 from .reshard_extra import carried_extra_state
 from .reshard_manifest import ShareFingerprints
@@ -38,13 +39,16 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, share=None, show_p
                                    extra_state=carried_extra_state(reader, plan, ckpt_format)[0])
     wanted = [m for m in plan.metas if share is None or writer.holds(m.name)]
     fingerprints = ShareFingerprints(reader, plan.padded_vocab[0])
+    background_integrity_check(reader)
     with writer:
-        for m in progress(wanted, desc="reshard", enabled=show_progress):
-            t = reader.read(m.name)
-            writer.write(m.name, _repad(t, m.shape[0]) if m.name in VOCAB_ROWS else t)
-            fingerprints.add(m.name, t)
-            del t
-            release_freed_memory()
+        with behind(writer) as sink:
+            for m in progress(wanted, desc="reshard", enabled=show_progress):
+                t = reader.read(m.name)
+                sink.write(m.name, _repad(t, m.shape[0]) if m.name in VOCAB_ROWS else t)
+                fingerprints.add(m.name, t)
+                del t
+                release_freed_memory()
+        finish_integrity_check(reader)
     fingerprints.write(out, share)
     assets = reader.root / HF_ASSETS_DIR
     if (share is None or share.lead) and assets.is_dir():

@@ -51,6 +51,17 @@ class MegatronAsHF(ClosesOnExit):
             self._group = None
         return tensor
 
+    def check_integrity_in_background(self) -> None:
+        """The reader's integrity check on a thread, when its format has one (torch_dist)."""
+        start = getattr(self.reader, "check_integrity_in_background", None)
+        if start is not None:
+            start()
+
+    def verify_integrity(self) -> None:
+        done = getattr(self.reader, "verify_integrity", None)
+        if done is not None:
+            done()
+
     def asset_files(self) -> list[Path]:
         d = self.path / HF_ASSETS_DIR
         return [f for f in sorted(d.iterdir()) if f.name != "config.json"] if d.is_dir() else []

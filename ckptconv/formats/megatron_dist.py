@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -125,6 +126,7 @@ class MegatronDistReader(ClosesOnExit):
         self._store = DcpStore(self.iter_dir, opener=opener)
         self.integrity = read_manifest(self.iter_dir)   # {file: sha256} or None; checked on first read
         self._unverified = self.integrity is not None
+        self._background: Future | None = None
         common_path = self.iter_dir / COMMON_FILE
         self.dist_layout = layout_of(common_path.is_file(), COMMON_ITEM in self._store.bytes_keys())
         if self.dist_layout is None:
@@ -168,10 +170,28 @@ class MegatronDistReader(ClosesOnExit):
         return common
 
     def verify_integrity(self) -> None:
-        """Re-hash the files listed in integrity.json (once); CorruptCheckpoint naming a changed file."""
+        """Re-hash the files listed in integrity.json (once); CorruptCheckpoint naming a changed file.
+        After ``check_integrity_in_background``: wait for that check and raise what it found."""
+        if self._background is not None:
+            pending, self._background = self._background, None
+            pending.result()
+            self._unverified = False
         if self._unverified:
             check_manifest(self.iter_dir, self.integrity)
             self._unverified = False
+
+    def check_integrity_in_background(self) -> None:
+        """Start the integrity check on a thread, so reads need not wait for a whole extra pass
+        over the files; a caller that writes output from the reads must call ``verify_integrity()``
+        before it commits that output (a changed file then fails the conversion, nothing is kept)."""
+        if self._unverified and self._background is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptconv-integrity")
+            self._background = pool.submit(check_manifest, self.iter_dir, self.integrity)
+            pool.shutdown(wait=False)
+
+    def _before_read(self) -> None:
+        if self._unverified and self._background is None:
+            self.verify_integrity()
 
     def layout_report(self) -> dict:
         """What `inspect` says about the files: the layout found and the optional parts."""
@@ -265,7 +285,7 @@ class MegatronDistReader(ClosesOnExit):
         if meta is None:
             raise MissingTensors("no such tensor in the checkpoint", path=self.iter_dir, tensor=name,
                                  fix="run `ckptconv inspect --tensors` to list the tensors")
-        self.verify_integrity()
+        self._before_read()
         key, lead = self._where[name]
         sizes = list(meta.shape)
         offsets = [0] * len(sizes)
@@ -287,7 +307,7 @@ class MegatronDistReader(ClosesOnExit):
         meta = self._metas.get(name)
         if meta is None or not meta.shape or not 0 <= start <= stop <= meta.shape[dim]:
             return None
-        self.verify_integrity()
+        self._before_read()
         key, lead = self._where[name]
         offsets, sizes = [0] * len(meta.shape), list(meta.shape)
         offsets[dim], sizes[dim] = start, stop - start
@@ -307,7 +327,7 @@ class MegatronDistReader(ClosesOnExit):
 
     def read_extra_state(self, name: str) -> Any:
         """The object stored for an `_extra_state` entry (Megatron saves `[obj]`); None if unreadable."""
-        self.verify_integrity()
+        self._before_read()
         key = self._extra_keys.get(name)
         if key is not None:
             obj = self._store.read_object(key)
@@ -316,6 +336,9 @@ class MegatronDistReader(ClosesOnExit):
                              fix="run `ckptconv inspect` to list the entries")
 
     def close(self) -> None:
+        if getattr(self, "_background", None) is not None:
+            self._background.exception()      # let the check finish before the files are closed
+            self._background = None
         if self._store is not None:
             self._store.close()
         if self._common_file is not None:

@@ -71,10 +71,12 @@ def check_manifest(iter_dir: Path, files: dict[str, str]) -> None:
                                     fix="the file changed after it was saved: re-copy it from the source")
 
 
-def write_manifest(iter_dir: Path) -> None:
-    """integrity.json over every plain file of ``iter_dir`` (as megatron-core's save_integrity_manifest)."""
+def write_manifest(iter_dir: Path, known: dict[str, str] | None = None) -> None:
+    """integrity.json over every plain file of ``iter_dir`` (as megatron-core's save_integrity_manifest);
+    ``known``: digests of files already hashed while they were written (the others are read)."""
     iter_dir = Path(iter_dir)
-    files = {p.name: file_digest(p) for p in sorted(iter_dir.iterdir(), key=str)
+    known = known or {}
+    files = {p.name: known.get(p.name) or file_digest(p) for p in sorted(iter_dir.iterdir(), key=str)
              if p.is_file() and p.name != INTEGRITY_FILE}
     (iter_dir / INTEGRITY_FILE).write_text(json.dumps({"algorithm": INTEGRITY_ALGORITHM, "files": files},
                                                       indent=2))

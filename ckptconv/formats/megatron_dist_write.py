@@ -18,17 +18,15 @@ stored [gate_full; up_full]); `_extra_state` objects are BYTES items holding `to
 module of every layer, so both TE and local-spec models find theirs. A tied embedding is stored
 once: Megatron's last stage loads its output layer from `embedding.word_embeddings.weight`.
 
-Memory. torch's `FileSystemWriter` pulls every item from the save planner
-(`SavePlanner.resolve_data`) when it writes it. Our planner plans all items from the metas
-alone and resolves a tensor item by waiting for the engine's `write()` of that tensor: the DCP
-save runs in one background thread, and `write(name, t)` hands `t` over through a one-slot
-rendezvous (`_Handoff`) and returns once the storage writer has taken it. The engine writes in
-plan order, so at most the tensor being serialised and the one being produced are alive; a write
-out of plan order is held until it is asked for (correct, just not bounded). torch 2.13's
-writer keeps the last tensor of every key of a file alive until that file is closed
-(`_write_files_from_queue`'s `tensor_dict`), so we ask for one file per item
-(`single_file_per_rank=False`): it then holds one tensor, not one per key (16-layer bench model:
-735 MiB peak vs 924 MiB with one file).
+Memory. torch's DCP save pulls every item from the save planner (`SavePlanner.resolve_data`)
+when it writes it. Our planner plans all items from the metas alone and resolves a tensor item by
+waiting for the engine's `write()` of that tensor: the DCP save runs in one background thread,
+and `write(name, t)` hands `t` over through a one-slot rendezvous (`_Handoff`) and returns once
+the storage writer has taken it. The engine writes in plan order, so at most the tensor being
+serialised and the one being produced are alive; a write out of plan order is held until it is
+asked for (correct, just not bounded). The storage writer is `dcp_records.RecordStorageWriter`:
+records streamed into a few large files (not one file per item), no CRC-32, and each file's
+SHA-256 for integrity.json computed from the bytes as they are written (no second pass).
 """
 from __future__ import annotations
 
@@ -45,14 +43,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, StorageMeta,
-                                                   TensorProperties)
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..errors import LayoutError, MissingTensors
 from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
 from .megatron_dist import METADATA_JSON, leading_axes, stacked_key
+from .dcp_records import RecordStorageWriter
 from .megatron_dist_integrity import write_manifest
 from .megatron_dist_layout import BACKEND, COMMON_FILE, COMMON_ITEM, WRITE_LAYOUT
 from .megatron_names import extra_state_keys, to_impl
@@ -141,12 +139,7 @@ class _LazySavePlanner(DefaultSavePlanner):
         return self._resolve(write_item)
 
 
-class _FileSystemWriter(dcp.FileSystemWriter):
-    def storage_meta(self) -> StorageMeta:
-        return StorageMeta()   # we write into a temporary directory that is renamed: record no path
-
-
-def save_no_dist(planner: _LazySavePlanner, storage: _FileSystemWriter) -> BaseException | None:
+def save_no_dist(planner: _LazySavePlanner, storage: RecordStorageWriter) -> BaseException | None:
     """Run torch's DCP save in this process (no process group); the error it raised, or None
     (a storage failure inside a CheckpointException is unwrapped)."""
     try:
@@ -167,13 +160,14 @@ class StreamingDcpSave(CommitsOnExit):
     ``_init_save`` with its items and their resolver, and adds what it writes after the data
     (``_commit``)."""
 
+    writes_in_background = True      # write() hands over to the save thread: no write-behind needed
+
     def _init_save(self, items: list[WriteItem], resolve, out_dir: Path) -> None:
         self._written: set[str] = set()
         self._handoff = _Handoff()
         self._failure: BaseException | None = None
         planner = _LazySavePlanner(items, resolve)
-        storage = _FileSystemWriter(out_dir, single_file_per_rank=False, sync_files=False,
-                                    thread_count=1, per_thread_copy_ahead=0)
+        storage = self._storage = RecordStorageWriter(out_dir)
         # started by the first write() or close(), i.e. inside the caller's `with` block: an
         # interrupt while the writer is being built leaves no thread behind to create files in an
         # output directory the caller is removing
@@ -186,7 +180,7 @@ class StreamingDcpSave(CommitsOnExit):
             self._started = True
             self._thread.start()
 
-    def _save(self, planner: _LazySavePlanner, storage: _FileSystemWriter) -> None:
+    def _save(self, planner: _LazySavePlanner, storage: RecordStorageWriter) -> None:
         self._failure = save_no_dist(planner, storage)
         if self._failure is not None:
             self._handoff.fail(self._failure)
@@ -296,7 +290,7 @@ class MegatronDistWriter(StreamingDcpSave):
         if WRITE_LAYOUT.common_file:
             torch.save(self._common, self.iter_dir / COMMON_FILE, pickle_module=RePickleModule)
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(CHECKPOINT_CONFIG))
-        write_manifest(self.iter_dir)
+        write_manifest(self.iter_dir, known=self._storage.digests)
         (self.out_root / LATEST).write_text(str(self.iteration))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import pickle
 import struct
 import weakref
@@ -60,8 +61,8 @@ class _Archive:
         first = names[0].split("/", 1)[0] + "/" if names else ""
         self.prefix = first if first + "data.pkl" in pkls else pkls[0][:-8] if pkls else None
         self.infos = {i.filename: i for i in self.zf.infolist()}
-        order = self.zf.read(f"{self.prefix}byteorder").strip() \
-            if f"{self.prefix}byteorder" in self.infos else b"little"
+        order = self.record_bytes(f"{self.prefix}byteorder").strip() \
+            if self.prefix is not None and f"{self.prefix}byteorder" in self.infos else b"little"
         if self.prefix is None or order not in (b"little", b"big"):
             self.close()
             raise CorruptCheckpoint("no <archive>/data.pkl record" if self.prefix is None else
@@ -73,6 +74,18 @@ class _Archive:
     def close(self) -> None:
         self.closed = True
         _close_quietly(self.zf, self.fh)
+
+    def record_bytes(self, rec: str) -> bytes:
+        """The whole (small, stored) record ``rec``, read at its offset: no CRC-32 check, which
+        torch.load does not make either (torch writes 0 with ``compute_crc32=False``)."""
+        info = self.infos[rec]
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptCheckpoint(f"record {rec} is compressed", path=self.path, fix=_REFETCH)
+        self.fh.seek(self._data_offset(rec, None))
+        data = self.fh.read(info.file_size)
+        if len(data) != info.file_size:
+            raise CorruptCheckpoint(f"file truncated inside {rec}", path=self.path, fix=_REFETCH)
+        return data
 
     def read(self, key: str, start: int, length: int, tensor: str | None,
              out: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,8 +218,8 @@ class TorchFile(ClosesOnExit):
                                     fix="check the path and permissions") from None
         self._archive = _Archive(self.path, fh)
         try:
-            with self._archive.zf.open(self._archive.prefix + "data.pkl") as f:
-                self.obj = _SafeUnpickler(f, self._archive).load()
+            pkl = self._archive.record_bytes(self._archive.prefix + "data.pkl")
+            self.obj = _SafeUnpickler(io.BytesIO(pkl), self._archive).load()
         except (UnsafeCheckpoint, CorruptCheckpoint):
             self.close()
             raise

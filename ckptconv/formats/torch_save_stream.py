@@ -64,11 +64,57 @@ class _Storage:
         self.pid = pid
 
 
+def reduce_slot(slot: TensorSlot, key: str) -> tuple:
+    """The pickle reduction torch.save writes for a contiguous CPU tensor of ``slot``'s shape and
+    dtype stored in record ``data/<key>``."""
+    shape = tuple(slot.shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    args = (0, shape, contiguous_stride(shape), False, collections.OrderedDict())
+    if slot.dtype in _STORAGE_NAMES:
+        stype = getattr(torch, _STORAGE_NAMES[slot.dtype])
+        return torch._utils._rebuild_tensor_v2, (_Storage(("storage", stype, key, "cpu", numel)), *args)
+    pid = ("storage", torch.UntypedStorage, key, "cpu", numel * slot.dtype.itemsize)
+    return torch._utils._rebuild_tensor_v3, (_Storage(pid), *args, slot.dtype)
+
+
+class _OneSlot:
+    """Pickles a lone TensorSlot as storage key "0" (what torch.save of one tensor writes)."""
+
+    def _reduce_slot(self, slot: TensorSlot) -> tuple:
+        return reduce_slot(slot, "0")
+
+
+def write_tensor_record(stream: Any, shape: tuple[int, ...], dtype: torch.dtype, fill) -> None:
+    """Write what ``torch.save(tensor, stream)`` writes for a contiguous CPU tensor of ``shape`` and
+    ``dtype`` (a zip archive: data.pkl, .format_version, .storage_alignment, byteorder, data/0,
+    version, .data/serialization_id; no CRC-32, as torch's ``compute_crc32=False``), without the
+    tensor: the bytes of data/0 are asked for by torch's writer seeking over them, and ``stream``
+    (a file-like object with ``write`` and relative ``seek``) lets ``fill`` write them then, in
+    order. The stream's ``seek(n, 1)`` must call ``fill(n)``."""
+    buf = io.BytesIO()
+    _SlotPickler(buf, _OneSlot()).dump(TensorSlot("tensor", tuple(shape), dtype))
+    data = buf.getvalue()
+    nbytes = dtype.itemsize
+    for s in shape:
+        nbytes *= s
+    writer = torch._C.PyTorchFileWriter(stream, False, _ALIGNMENT)
+    writer.write_record("data.pkl", data, len(data))
+    writer.write_record(".format_version", "1", 1)
+    writer.write_record(".storage_alignment", str(_ALIGNMENT), len(str(_ALIGNMENT)))
+    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    stream.expect(fill, nbytes)
+    writer.write_record_metadata("data/0", nbytes)
+    writer.write_end_of_file()
+    del writer
+
+
 class _SlotPickler(RePickler):
     """Protocol-2 pickler that turns TensorSlots into torch tensor reductions (and writes the
     Placeholders of a checkpoint read by our unpickler back as the objects they stand for)."""
 
-    def __init__(self, file: io.BytesIO, owner: "StreamingTorchSave"):
+    def __init__(self, file: io.BytesIO, owner: Any):
         super().__init__(file, protocol=2)
         self.dispatch_table = copyreg.dispatch_table.copy()
         self.dispatch_table[TensorSlot] = owner._reduce_slot
@@ -103,7 +149,9 @@ class StreamingTorchSave(CommitsOnExit):
         # destructor and aborts the process if a write fails there (e.g. disk full). The guard
         # records the first OSError and swallows later writes, so failure is reported by us.
         self._stream = _GuardedFile(self.path)
-        self._writer = torch._C.PyTorchFileWriter(self._stream, True, _ALIGNMENT)
+        # no CRC-32 of the records (torch's own ``compute_crc32=False``): torch.load never checks it,
+        # and computing it cost ~15% of a conversion
+        self._writer = torch._C.PyTorchFileWriter(self._stream, False, _ALIGNMENT)
         try:
             self._writer.write_record("data.pkl", data, len(data))
             self._writer.write_record(".storage_alignment", str(_ALIGNMENT), len(str(_ALIGNMENT)))
@@ -121,17 +169,7 @@ class StreamingTorchSave(CommitsOnExit):
                               tensor=slot.name)
         key = str(len(self._slots))
         self._slots[slot.name] = (key, slot)
-        shape = tuple(slot.shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        args = (0, shape, contiguous_stride(shape), False, collections.OrderedDict())
-        if slot.dtype in _STORAGE_NAMES:
-            stype = getattr(torch, _STORAGE_NAMES[slot.dtype])
-            return torch._utils._rebuild_tensor_v2, (_Storage(("storage", stype, key, "cpu", numel)),
-                                                     *args)
-        pid = ("storage", torch.UntypedStorage, key, "cpu", numel * slot.dtype.itemsize)
-        return torch._utils._rebuild_tensor_v3, (_Storage(pid), *args, slot.dtype)
+        return reduce_slot(slot, key)
 
     @property
     def slot_names(self) -> list[str]:
@@ -160,10 +198,11 @@ class StreamingTorchSave(CommitsOnExit):
                               fix="convert/reshape the tensor to the planned layout")
         t = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         nbytes = t.numel() * t.element_size()
-        if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
-            t = t.clone()  # a view: write only its own bytes
-        try:
-            self._writer.write_record(f"data/{key}", t.untyped_storage(), nbytes)
+        try:   # from the tensor's own bytes (a contiguous view too: no copy)
+            if nbytes:
+                self._writer.write_record(f"data/{key}", t.data_ptr(), nbytes)
+            else:
+                self._writer.write_record(f"data/{key}", b"", 0)
         except RuntimeError as e:   # torch's C++ writer reports I/O errors this way
             self.abort()
             raise _write_failed(self.path, name, e) from e

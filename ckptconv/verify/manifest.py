@@ -121,6 +121,16 @@ class ManifestBuilder:
     def for_hf_config(cls, hf_config: dict) -> "ManifestBuilder":
         return cls(config_from_hf(hf_config), family_for_hf(hf_config))
 
+    def wants(self, name: str) -> bool:
+        """Whether ``name`` is a logical parameter (only those get an entry)."""
+        return name in self._names
+
+    def add_digest(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, digest: str) -> None:
+        """Record a fingerprint hashed elsewhere (``engine.checks.StreamChecks``: fused with the
+        finite check); ``digest`` is the SHA-256 of the contiguous little-endian bytes."""
+        if name in self._names:
+            self._tensors[name] = {"shape": list(shape), "dtype": dtype_name(dtype), "sha256": digest}
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Fingerprint ``tensor`` as the logical parameter ``name`` (other names are ignored:
         tied copies and derived buffers are not logical parameters)."""

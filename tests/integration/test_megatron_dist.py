@@ -84,6 +84,27 @@ def test_stored_layout_is_megatrons(hf_model_dir, tmp_path):
     assert common["args"].padded_vocab_size == 256 and common["ckptconv"]["family"] == "qwen2"
 
 
+def test_records_share_few_files_and_integrity_digests_are_the_files(hf_model_dir, tmp_path, monkeypatch):
+    """Records go into a few large files (here one; several past the file size cap), and the
+    integrity.json digests hashed while writing equal a fresh SHA-256 of each file."""
+    from ckptconv.formats import dcp_records
+    from ckptconv.formats.megatron_dist_integrity import file_digest
+
+    src = hf_model_dir("llama-gqa")
+    hf_to_megatron(src, tmp_path / "one", tp=2, pp=2, show_progress=False)
+    monkeypatch.setattr(dcp_records, "FILE_BYTES", 1)     # a new file after every record
+    hf_to_megatron(src, tmp_path / "many", tp=2, pp=2, show_progress=False)
+    for name, expect in (("one", lambda n: n == 1), ("many", lambda n: n > 20)):
+        it = tmp_path / name / "release"
+        files = json.loads((it / "integrity.json").read_text())["files"]
+        data = sorted(f for f in files if f.endswith(".distcp"))
+        assert expect(len(data)), data
+        assert files == {p.name: file_digest(p) for p in it.iterdir() if p.name != "integrity.json"}
+        ours, theirs = hf_tensors(src), torch_dcp_state(it)
+        emb = ours["model.embed_tokens.weight"]
+        assert torch.equal(theirs["embedding.word_embeddings.weight"][:emb.shape[0]], emb)
+
+
 def test_out_of_order_writes_and_missing_tensor(tmp_path):
     """The writer accepts writes in any order; a planned tensor never written fails at close."""
     layout = MegatronLayout(1, 1, 2)
