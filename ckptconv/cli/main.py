@@ -4,11 +4,14 @@ is one subcommand (one thin command per file), named after its module: ``hf_to_m
 
 Subcommands are imported only when invoked (click's lazy-group pattern): a conversion from
 DeepSpeed or Hugging Face never pays for importing ``torch.distributed.checkpoint`` (~1.5 s)
-or the runtime it does not use. ``--help`` imports them all to show their summaries.
+or the runtime it does not use. ``--help`` imports none of them: it lists each command's
+summary from its module's source text (``ast``), so it costs no torch import.
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import pkgutil
 
 import click
@@ -44,6 +47,25 @@ class LazyGroup(click.Group):
                 raise RuntimeError(f"{self._modules[name]} must define a click command named {name!r}")
             self.commands[name] = cmd
         return self.commands.get(name)
+
+    def format_commands(self, ctx, formatter):
+        """The command list of ``--help``, from the modules' source: nothing is imported."""
+        rows = [(name, self.commands.get(name) or _listed_command(name, self._modules.get(name)))
+                for name in self.list_commands(ctx)]
+        if rows:
+            limit = formatter.width - 6 - max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in rows])
+
+
+def _listed_command(name: str, module: str) -> click.Command:
+    """A stand-in carrying the help text of ``module``'s ``command`` function, read from the
+    source with ``ast`` (the docstring is what click shows as the command's help)."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    doc = next((ast.get_docstring(n) for n in tree.body
+                if isinstance(n, ast.FunctionDef) and n.name == "command"), None)
+    return click.Command(name, help=doc or "")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
