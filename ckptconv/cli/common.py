@@ -73,6 +73,12 @@ def human_bytes(n: int) -> str:
     return f"{n}"
 
 
+def human_seconds(t: float) -> str:
+    if t < 60:
+        return f"{t:.1f} s"
+    return f"{t / 60:.1f} min" if t < 3600 else f"{t / 3600:.2f} h"
+
+
 def plan_text(s: dict) -> str:
     lines = [
         f"{s['direction']}: {s['family']}  TP={s['tp']} PP={s['pp']} VPP={s['vpp']}"
@@ -83,6 +89,10 @@ def plan_text(s: dict) -> str:
         f"  largest tensor {human_bytes(s['largest_tensor_bytes'])}; memory forecast "
         f"~{human_bytes(s['memory_forecast_bytes'])} of tensor data",
     ]
+    if "time_forecast_s" in s:
+        parts = s["time_forecast"]["parts_s"]
+        lines.append(f"  time forecast ~{human_seconds(s['time_forecast_s'])} on this machine now ("
+                     + ", ".join(f"{k} {human_seconds(v)}" for k, v in parts.items()) + ")")
     for f in s.get("files", []):
         ep = f" ep={f['ep_rank']}" if "ep_rank" in f else ""
         lines.append(f"  rank tp={f['tp_rank']} pp={f['pp_rank']}{ep}: {f['tensors']} tensors, {human_bytes(f['bytes'])}")

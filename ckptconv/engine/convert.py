@@ -13,7 +13,7 @@ import torch
 from .. import __version__
 from ..families import family_for_hf
 from ..formats.detect import detect_format
-from ..formats.hf import HFReader
+from ..formats.hf_config_only import open_hf_or_config
 from ..formats.hf_hub import resolve_hf_source
 from ..errors import UnknownFormat
 from ..formats.megatron import WRITERS, open_megatron_reader
@@ -25,6 +25,7 @@ from ..plan.planner import plan_hf_to_megatron
 from ..types import TensorMeta, dtype_name
 from ..verify.manifest import ManifestBuilder
 from .checks import StreamChecks, checks_closed
+from .forecast_summary import time_forecast
 from .memory import release_freed_memory
 from ..formats.hf_config_file import load_hf_config_arg  # noqa: F401  (re-exported for the CLI)
 from ..formats.megatron_as_hf import HF_ASSETS_DIR, MegatronAsHF
@@ -59,12 +60,14 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                **plan.summary()}
     if ckpt_format not in WRITERS:
         raise UnknownFormat(f"unknown Megatron checkpoint format {ckpt_format!r}", fix=f"use one of {sorted(WRITERS)}")
+    pieces = sum(f["tensors"] for f in summary["files"])
     if ckpt_format != "torch":
         summary.pop("files", None)      # per-rank files exist only in the per-rank torch format
     n = plan_workers(summary, workers, launcher, share=share,
                      units=len(layout.rank_files()) if ckpt_format == "torch" else len(plan.items))
-    if dry_run or fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher,
-                          share=share):
+    if dry_run:
+        return {**summary, **time_forecast("hf_to_megatron", summary, dst, source=source.path, pieces=pieces, workers=n)}
+    if fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher, share=share):
         return summary
     main_dtype = dtype or plan.items[0].megatron.dtype
     args = build_args(cfg, layout, padded_vocab=padded, divisible_by=divisible_by, dtype=main_dtype,
@@ -103,8 +106,10 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
 def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | None = None,
                    download: bool = False, **kwargs) -> dict:
     """Convert an HF checkpoint (directory, or hf:// repo id: cache, or download if asked) to
-    Megatron (see source_to_megatron)."""
-    with HFReader(resolve_hf_source(str(src), cache_dir, download)) as source:
+    Megatron (see source_to_megatron). A dry-run also takes a config.json alone (or a directory
+    holding only one): it plans from the shapes the family's table gives the model."""
+    path = resolve_hf_source(str(src), cache_dir, download)
+    with open_hf_or_config(path, kwargs.get("dry_run", False)) as source:
         return source_to_megatron(source, dst, **kwargs)
 
 
@@ -123,8 +128,10 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
     summary = {"source": str(source.path), "destination": str(dst), "format": "hf",
                "tensors_written": len(metas), "bytes_written": sum(m.nbytes for m in metas), **(summary or {})}
     n = plan_workers(summary, workers, launcher, share=share, units=len(hf_files(metas, parse_size(max_shard_size))))
-    if dry_run or fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher,
-                          share=share):
+    if dry_run:
+        return {**summary, **time_forecast("megatron_to_hf", summary, dst, pieces=len(metas), source=source.path,
+                                           workers=n)}
+    if fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher, share=share):
         return summary
     config = source.config()
     if dtype is not None:

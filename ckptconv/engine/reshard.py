@@ -23,6 +23,8 @@ from ..formats.megatron import WRITERS, open_megatron_reader
 from ..formats.megatron_args import config_from_args
 from ..plan.megatron_layout import MegatronLayout
 from ..verify.manifest import MANIFEST_NAME
+from ..plan.forecast import pieces_written
+from .forecast_summary import time_forecast
 from .reshard_extra import carried_extra_state
 from .reshard_plan import ReshardPlan, plan_reshard
 from .reshard_workers import shares, write_share
@@ -84,7 +86,8 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
         summary["extra_state_dropped"] = dropped
         summary["worker_shares"] = _share_text(plan, ckpt_format, workers)
         if dry_run:
-            return summary
+            return {**summary, **time_forecast("reshard", summary, dst, source=src, workers=workers,
+                                               pieces=pieces_written([m.name for m in plan.metas], plan.layout))}
         job = WorkerJob.of(reshard, src, ckpt_format=ckpt_format, iteration=iteration, show_progress=show_progress, **kw)
         if not fan_out(job, dst, workers, sources=[src], overwrite=overwrite, launcher=launcher, share=share):
             with output_dir(dst, sources=[src], overwrite=overwrite, share=share) as tmp:
