@@ -15,7 +15,6 @@ import torch
 
 from ..errors import UnsupportedFamily
 from ..formats import torchtitan_names as tt
-from ..formats.atomic import atomic_output_dir
 from ..formats.dcp_source import TIED, DcpSource
 from ..sources import open_hf_view
 from ..types import TensorMeta
@@ -23,7 +22,8 @@ from .checks import check_finite
 from .convert import load_hf_config_arg, source_to_hf, source_to_megatron
 from .memory import release_freed_memory
 from .progress import progress
-from .workers import worker_command
+from .share_writers import dcp_share_writer
+from .workers import Share, WorkerJob, fan_out, output_dir, plan_workers, worker_command
 
 NAMINGS = ("hf", "torchtitan")
 EMBED = "model.embed_tokens.weight"
@@ -63,10 +63,14 @@ def dcp_names(metas: dict[str, TensorMeta], cfg: dict, naming: str, key: str | N
     return out
 
 
+@worker_command
 def hf_to_dcp(src: str | Path, dst: str | Path, *, naming: str = "hf", state_dict_key: str | None = None,
               dtype: torch.dtype | None = None, iteration: str | int = "latest", hf_config: str | Path | None = None,
               cache_dir: str | Path | None = None, overwrite: bool = False, dry_run: bool = False,
-              allow_nonfinite: bool = False, show_progress: bool = True) -> dict:
+              allow_nonfinite: bool = False, show_progress: bool = True, workers: int | str = 1,
+              launcher: str = "local", share: Share | None = None, job: WorkerJob | None = None) -> dict:
+    """Write an HF-named source as a model-only DCP checkpoint (``workers``, ``launcher``,
+    ``share``, ``job``: see source_to_megatron; a share is a set of stored keys)."""
     with open_hf_view(src, iteration=iteration, hf_config=load_hf_config_arg(hf_config), cache_dir=cache_dir) as source:
         cfg = source.config()
         metas = source.tensors()
@@ -75,21 +79,24 @@ def hf_to_dcp(src: str | Path, dst: str | Path, *, naming: str = "hf", state_dic
         summary = {"source": str(source.path), "destination": str(dst), "format": "dcp", "naming": naming,
                    "state_dict_key": state_dict_key, "tensors_written": len(out),
                    "bytes_written": sum(m.nbytes for m in out)}
-        if dry_run:
+        n = plan_workers(summary, workers, launcher, share=share, units=len(out))
+        if dry_run or fan_out(job, dst, n, sources=[Path(source.path)], overwrite=overwrite, launcher=launcher,
+                              share=share):
             return summary
         if dtype is not None:
             cfg["dtype"] = str(dtype).replace("torch.", "")
             cfg.pop("torch_dtype", None)
-        from ..formats.dcp_write import DcpWriter      # imports torch.distributed.checkpoint (~1.5 s)
-        with atomic_output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite) as tmp:
-            with DcpWriter(tmp, out) as writer:
-                for (key, name, op), meta in progress(list(zip(plan, out)), desc="to dcp", enabled=show_progress):
+        with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp:
+            with dcp_share_writer(tmp, out, share=share) as writer:
+                todo = [(p, m) for p, m in zip(plan, out) if share is None or writer.holds(m.name)]
+                for (key, name, op), meta in progress(todo, desc="to dcp", enabled=show_progress):
                     t = source.read(name)
                     check_finite(name, t, source.path, allow_nonfinite)
                     writer.write(key, tt.apply(op, t, cfg, to_hf=False).to(meta.dtype))
                     del t
                     release_freed_memory()
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-            for f in source.asset_files():
-                (tmp / f.name).write_bytes(f.read_bytes())
+            if share is None or share.lead:
+                (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+                for f in source.asset_files():
+                    (tmp / f.name).write_bytes(f.read_bytes())
         return summary

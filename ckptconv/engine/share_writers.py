@@ -2,7 +2,7 @@
 world of 1: the whole output). Which units form a share is ``plan.shares``' arithmetic.
 
 * per-rank Megatron ``torch``: the writer's ``files`` filter (a share is a set of rank files).
-* ``torch_dist`` / plain DCP: a collective DCP save of the share's logical tensors (``shared_dcp``).
+* ``torch_dist`` / plain DCP: a collective DCP save of the share's tensors (``shared_dcp``).
 * Hugging Face safetensors: the writer's ``files`` filter (a share is a set of shard files); only
   the lead worker writes the index.
 A share's writer has ``holds(name)``: whether this share writes (part of) ``name``.
@@ -46,3 +46,13 @@ def hf_share_writer(out: Path, metas, max_shard_size: int, *, share) -> HFWriter
         return HFWriter(out, metas, max_shard_size)
     files = file_shares(hf_files(metas, max_shard_size), share.world)[share.rank]
     return HFWriter(out, metas, max_shard_size, files=files, index=share.lead)
+
+
+def dcp_share_writer(out: Path, metas, *, share):
+    """The plain DCP writer (hf-to-dcp) for ``share``: its share of the stored keys."""
+    if _alone(share):
+        from ..formats.dcp_write import DcpWriter      # imports torch.distributed.checkpoint (~1.5 s)
+        return DcpWriter(out, metas)
+    from .shared_dcp import SharedDcpWriter
+    names = tensor_shares(metas, share.world)[share.rank]
+    return SharedDcpWriter(out, metas, share=names, rank=share.rank, group=share.group)

@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from ..formats.dcp_write import DcpWriter
 from ..formats.megatron_dist_write import MegatronDistWriter
 
 
@@ -69,3 +70,14 @@ class SharedDistWriter(SharedSave, MegatronDistWriter):
 
     def _item_name(self, item) -> str:
         return self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
+
+
+class SharedDcpWriter(SharedSave, DcpWriter):
+    """The plain DCP writer, restricted to the tensors (stored keys) in ``share``."""
+
+    def __init__(self, out_dir, metas, *, share: set[str], rank: int, group):
+        self._init_share(share, rank, group)
+        super().__init__(out_dir, metas)
+
+    def _item_name(self, item) -> str:
+        return item.index.fqn

@@ -3,14 +3,15 @@
 Every converting command runs the same way. The command plans from metadata; with more than one
 worker it describes itself as a `WorkerJob` (the public function and its arguments) and
 `run_workers` runs it: the output directory is opened once (``formats.atomic``: a hidden sibling
-renamed into place), each worker re-runs the command with ``share=Share(rank, world, group)``,
+renamed into place), each worker re-runs the command with ``share=Share(rank, world)``,
 writing only the output files of its share (``plan.shares``) and reading only the source tensors
 those files need, and once every worker has succeeded the manifest parts are merged and the
 directory is renamed into place. A failing worker fails the whole command with its typed error;
 nothing is left behind.
 
-* local (``--workers N``): N processes started with ``torch.multiprocessing``, meeting through a
-  FileStore in a private temporary directory (gloo group; used by the collective DCP save).
+* local (``--workers N``): N processes started with ``torch.multiprocessing``; where they must
+  meet (the collective DCP save of torch_dist output), a gloo group through a FileStore in a
+  private temporary directory.
 * torchrun (``--launcher torchrun``): this process is one rank (RANK/WORLD_SIZE/MASTER_ADDR from
   the environment); rank 0 opens the output and broadcasts its path, every rank writes its share,
   all ranks exchange their outcome, rank 0 commits. On several machines DST must be on a
@@ -43,12 +44,21 @@ LAUNCHERS = ("local", "torchrun")
 _CONTROL = ("workers", "launcher", "share", "overwrite", "dry_run")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Share:
-    """Which worker this process is; ``group``: the workers' gloo process group (or None)."""
+    """Which worker this process is. ``group``: the workers' gloo process group, made by
+    ``connect`` on first use (only a collective DCP save needs one: workers writing per-rank or
+    safetensors files never meet)."""
     rank: int
     world: int
-    group: Any = None
+    connect: Callable[[], Any] | None = None
+    _group: Any = field(default=None, repr=False)
+
+    @property
+    def group(self):
+        if self._group is None and self.connect is not None:
+            self._group = self.connect()
+        return self._group
 
     @property
     def lead(self) -> bool:
@@ -164,20 +174,27 @@ def run_local(job: WorkerJob, out: Path, workers: int, *, timeout_s: float = 24 
                 p.join(timeout=5)
 
 
-def _worker_main(rank: int, job: WorkerJob, out: str, world: int, tmp: str, timeout_s: float) -> None:
+def _gloo(tmp: str, rank: int, world: int, timeout_s: float):
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def _worker_main(rank: int, job: WorkerJob, out: str, world: int, tmp: str, timeout_s: float) -> None:
     from ..runtime.launch import threads_per_rank
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a forked CLI handler would turn terminate() into an error
     try:
         torch.set_num_threads(threads_per_rank(world))
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        share = Share(rank, world, functools.partial(_gloo, tmp, rank, world, timeout_s))
         try:
-            job.run(Path(out), Share(rank, world, dist.group.WORLD))
+            job.run(Path(out), share)
         finally:
-            dist.destroy_process_group()
+            if share._group is not None:
+                import torch.distributed as dist
+                dist.destroy_process_group()
     except BaseException as e:
         part = Path(tmp) / f".error_rank{rank}.part"
         part.write_text(json.dumps(error_record(rank, e)))
@@ -276,7 +293,7 @@ def _share_and_report(job: WorkerJob, out: Path, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     try:
-        job.run(out, Share(rank, world, dist.group.WORLD))
+        job.run(out, Share(rank, world, lambda: dist.group.WORLD))
         mine = None
     except BaseException as e:  # noqa: BLE001 - shared with the other ranks below
         mine = error_record(rank, e)
