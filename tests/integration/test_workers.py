@@ -160,3 +160,20 @@ def test_torchrun_two_ranks_write_what_one_process_writes(case, dcp_src, tmp_pat
     assert json.loads(p.stdout)["workers"] == 2           # rank 0 prints the summary, rank 1 nothing
     assert_same_output(kind, tmp_path / "w1", tmp_path / "tr")
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+
+
+def test_jobs_pickle_for_spawned_workers(tmp_path):
+    """With more than one thread per worker the workers are spawned, not forked: the job (the
+    command itself and its arguments) must survive pickling and name the same function."""
+    import pickle
+
+    from ckptconv import hf_to_megatron, megatron_to_hf
+    from ckptconv.engine.dcp_convert import dcp_to_hf, hf_to_dcp
+    from ckptconv.engine.deepspeed_convert import deepspeed_to_hf
+    from ckptconv.engine.reshard import reshard
+    from ckptconv.engine.workers import WorkerJob
+
+    for fn in (hf_to_megatron, megatron_to_hf, dcp_to_hf, hf_to_dcp, deepspeed_to_hf, reshard):
+        job = WorkerJob.of(fn, TINY, dtype=torch.bfloat16, workers=2, overwrite=True, tp=2)
+        back = pickle.loads(pickle.dumps(job))
+        assert back.fn is fn and back.kwargs == {"dtype": torch.bfloat16, "tp": 2} and back.args == (TINY,)
