@@ -128,18 +128,21 @@ def render(meta: dict, results: dict) -> str:
              f"Model: synthetic Llama bf16, {meta['layers']} layers, hidden {meta['hidden']}, "
              f"{meta['src_gib']:.2f} GiB. Median of {meta['repeats']} runs each, 1 and 2 workers alternating.",
              "Load: the 1-minute load average before/after the case (the machine's other jobs); with "
-             f"{meta['cpus']} CPUs, a load above {meta['cpus']} means the second worker competes for a core.", ""]
+             f"{meta['cpus']} CPUs, a load above {meta['cpus']} means the second worker competes for a core. "
+             "Cores busy: CPU seconds of the whole process tree ÷ wall seconds (one process already uses more "
+             "than one core: its write-behind and check threads, torch's intra-op threads).", ""]
     for kind, title in (("cpu", f"CPU-bound: source in page cache, output on tmpfs ({meta['tmpfs']})"),
                         ("disk", f"disk-bound: output on disk ({meta['disk']}), time includes sync")):
         if kind not in results:
             continue
-        lines += [f"## {title}", "", "| case | 1 worker s | 2 workers s | speed-up | CPU s (1 / 2) | load before/after | verify |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## {title}", "", "| case | 1 worker s | 2 workers s | speed-up | CPU s (1 / 2) | cores busy (1 / 2) "
+                  "| load before/after | verify |", "|---|---|---|---|---|---|---|---|"]
         for name, r in results[kind].items():
             cpu1 = statistics.median(x["cpu_s"] for x in r["1"])
             cpu2 = statistics.median(x["cpu_s"] for x in r["2"])
             lines.append(f"| {name} | {r['median_s']['1']:.2f} | {r['median_s']['2']:.2f} | {r['speedup']:.2f}× | "
-                         f"{cpu1:.1f} / {cpu2:.1f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} | "
+                         f"{cpu1:.1f} / {cpu2:.1f} | {cpu1 / r['median_s']['1']:.2f} / {cpu2 / r['median_s']['2']:.2f} | "
+                         f"{r['load'][0]:.1f} / {r['load'][1]:.1f} | "
                          f"{'ok' if r['verify_exit'] == 0 else 'FAILED'} |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -155,6 +158,7 @@ def main() -> int:
                    help="scratch on disk: the source, the Megatron input, the disk-bound outputs")
     p.add_argument("--tmpfs", type=Path, default=Path("/dev/shm/ckptconv-bench-workers"))
     p.add_argument("--results", type=Path, default=HERE / "results_workers.md")
+    p.add_argument("--note", default="", help="a paragraph appended to the results (what the numbers mean)")
     a = p.parse_args()
     work, shm = a.work, a.tmpfs
     for d in (work, shm):
@@ -180,7 +184,7 @@ def main() -> int:
             print(f"{kind}:", flush=True)
             results[kind] = run_cases(cases, shm if kind == "cpu" else work, repeats=a.repeats, sync=kind == "disk",
                                       warm_paths=[src, mg])
-        a.results.write_text(render(meta, results))
+        a.results.write_text(render(meta, results) + (f"\n{a.note}\n" if a.note else ""))
         a.results.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"wrote {a.results}")
     finally:

@@ -120,7 +120,7 @@ class WorkersType(click.ParamType):
 workers_option = click.option(
     "--workers", type=WorkersType(), default="auto", show_default=True,
     help="Local processes writing the output files in parallel, each reading only what its files need "
-         "(auto: 1 below 2 GiB of output, else min(CPUs, output files, what fits in memory); docs/cli.md).")
+         "(auto: 1 below 2 GiB of output, else min(CPUs / 2, output files, what fits in memory); docs/cli.md).")
 launcher_option = click.option(
     "--launcher", type=click.Choice(["local", "torchrun"]), default="local", show_default=True,
     help="torchrun: this process is one rank of a torchrun job and writes its share of the output "

@@ -109,14 +109,18 @@ def available_memory() -> int | None:
 WORKER_OVERHEAD = 400 * 2**20
 # below this many output bytes a second process costs more (start, re-plan, gloo) than it saves
 AUTO_MIN_BYTES = 2 * 2**30
+# one worker already keeps more than one core busy (its reading thread, the write-behind thread, the
+# fingerprint/NaN check thread, torch's intra-op threads): bench/results_workers.md measured 1.0-1.1
+# CPU seconds per wall second for one process, and no reliable gain from a second on 2 cores
+CPUS_PER_WORKER = 2
 
 
 def resolve_workers(requested: int | str, *, units: int, total_bytes: int, worker_bytes: int,
                     cpus: int | None = None, memory: int | None = None) -> int:
     """The number of workers to run. An explicit N is capped at the number of output units (more
     would have nothing to write). ``auto``: 1 below AUTO_MIN_BYTES of output, else the smallest of
-    the usable CPUs, the output units and what fits in available memory at ``worker_bytes`` +
-    WORKER_OVERHEAD per worker."""
+    usable CPUs // CPUS_PER_WORKER, the output units and what fits in available memory at
+    ``worker_bytes`` + WORKER_OVERHEAD per worker."""
     check_workers(requested)
     units = max(1, units)
     if requested != AUTO:
@@ -126,7 +130,7 @@ def resolve_workers(requested: int | str, *, units: int, total_bytes: int, worke
     cpus = usable_cpus() if cpus is None else cpus
     memory = available_memory() if memory is None else memory
     fit = units if memory is None else max(1, memory // (worker_bytes + WORKER_OVERHEAD))
-    return max(1, min(cpus, units, fit))
+    return max(1, min(cpus // CPUS_PER_WORKER, units, fit))
 
 
 @contextmanager

@@ -47,13 +47,15 @@ def test_tensor_and_file_shares_cover_everything_once():
     (dict(requested=4, units=2), 2),                                  # capped at the output units
     (dict(requested=1, units=8), 1),
     (dict(requested="auto", units=8, total_bytes=AUTO_MIN_BYTES - 1), 1),   # small: one process
-    (dict(requested="auto", units=8, cpus=2), 2),                     # the CPUs
+    (dict(requested="auto", units=8, cpus=2), 1),                     # two CPUs per worker
+    (dict(requested="auto", units=8, cpus=4), 2),
+    (dict(requested="auto", units=8, cpus=5), 2),
     (dict(requested="auto", units=3, cpus=16), 3),                    # the output units
     (dict(requested="auto", units=8, cpus=16, worker_bytes=3 * GiB, memory=7 * GiB), 2),   # memory
     (dict(requested="auto", units=8, cpus=16, worker_bytes=3 * GiB, memory=1 * GiB), 1),
 ])
 def test_resolve_workers(kw, expected):
-    base = dict(total_bytes=10 * GiB, worker_bytes=GiB - WORKER_OVERHEAD, cpus=4, memory=64 * GiB)
+    base = dict(total_bytes=10 * GiB, worker_bytes=GiB - WORKER_OVERHEAD, cpus=8, memory=64 * GiB)
     assert resolve_workers(**{**base, **kw}) == expected
 
 
