@@ -2,17 +2,16 @@
 contract, hash a directory tree, and compare HF / per-rank Megatron checkpoints exactly."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ckptconv.cli.main import cli
+from safe_load import load_megatron_file
 
 
 def run(*args):
@@ -58,16 +57,12 @@ def assert_same_hf(a, b, *, config: bool = False):
         assert json.loads((Path(a) / "config.json").read_text()) == json.loads((Path(b) / "config.json").read_text())
 
 
-# what torch.load(weights_only=True) must accept in per-rank files (args; Megatron's RNG state)
-_RANK_FILE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
-
-
 def rank_models(root) -> dict:
-    """Per-rank ``model*`` dicts of a torch-format checkpoint (torch.load, weights only)."""
+    """Per-rank ``model*`` dicts of a torch-format checkpoint (torch.load, weights only, with the
+    exact allowlist of ``safe_load``: independent of what earlier tests imported or registered)."""
     out = {}
     for f in sorted(Path(root).glob("*/mp_rank_*/model_optim_rng.pt")):
-        with torch.serialization.safe_globals(_RANK_FILE_GLOBALS):
-            state = torch.load(f, weights_only=True)
+        state = load_megatron_file(f)
         for key in (k for k in state if k.startswith("model")):
             out[f"{f.parent.name}/{key}"] = state[key]
     return out

@@ -2,14 +2,12 @@
 the function (Phi-3-style partial rotary, rotary_percent=0.5) is never read as a plain Llama."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from helpers import one_line_error, run
+from safe_load import load_megatron_file, save_megatron_file
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "megatron_torch_tp2pp2"
 
@@ -20,11 +18,10 @@ def with_args(tmp_path, **fields) -> Path:
     dst = tmp_path / "mg"
     shutil.copytree(FIXTURE, dst)
     for f in dst.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(f, weights_only=False)
+        obj = load_megatron_file(f)
         for k, v in fields.items():
             setattr(obj["args"], k, v)
-        torch.save(obj, f)
+        save_megatron_file(obj, f)
     return dst
 
 

@@ -13,7 +13,8 @@ import torch
 from ckptconv.engine.reshard import reshard
 from ckptconv.formats.megatron_dist import MegatronDistReader
 from ckptconv.formats.megatron_torch import MegatronTorchReader
-from helpers import _RANK_FILE_GLOBALS, one_line_error, rank_models, run
+from helpers import one_line_error, rank_models, run
+from safe_load import load_megatron_file, save_megatron_file
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 EP2 = FIXTURES / "megatron_moe_torch_ep2"                 # TP1 PP1 EP2: mp_rank_00_000, mp_rank_00_001
@@ -23,8 +24,7 @@ X = "decoder.layers.{l}.mlp.experts.local_experts.{e}.linear_fc{k}.weight"
 
 
 def _load(path: Path) -> dict:
-    with torch.serialization.safe_globals(_RANK_FILE_GLOBALS):
-        return torch.load(path, weights_only=True)
+    return load_megatron_file(path)
 
 
 def test_ep_rank_directory_is_not_taken_for_a_pipeline_stage():
@@ -104,7 +104,7 @@ def _copy(src: Path, tmp: Path) -> Path:
 def _edit(path: Path, fn) -> None:
     state = _load(path)
     fn(state["model"])
-    torch.save(state, path)
+    save_megatron_file(state, path)
 
 
 def test_experts_not_divisible_by_ep_is_refused(tmp_path):
@@ -146,6 +146,6 @@ def test_torch_dist_expert_axis_must_match_num_experts(tmp_path):
     common = ckpt / "iter_0000010" / "common.pt"
     state = _load(common)
     state["args"].num_experts = 8
-    torch.save(state, common)
+    save_megatron_file(state, common)
     one_line_error(run("inspect", ckpt), "the expert axis holds 4 experts, args.num_experts is 8",
                    "decoder.layers.mlp.experts.experts.linear_fc")

@@ -2,7 +2,6 @@
 numpy RNG state) converts to HF whose logits match Megatron-Core's stored logits."""
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptconv import inspect_checkpoint, megatron_to_hf
+from safe_load import load_megatron_file, save_megatron_file
 from tiny_models import hf_logits
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "megatron_torch_tp2pp2"
@@ -33,12 +33,11 @@ def test_real_megatron_checkpoint_with_wrong_layout_is_caught(tmp_path):
     src = tmp_path / "mg"
     shutil.copytree(FIXTURE, src)
     f = src / "iter_0000010" / "mp_rank_01_000" / "model_optim_rng.pt"
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(f, weights_only=False)
+    obj = load_megatron_file(f)
     w = obj["model"]["decoder.layers.1.self_attention.linear_qkv.weight"]
     assert w.shape[0] == 2 * 16 + 16 + 16
     w[32:48], w[48:64] = w[48:64].clone(), w[32:48].clone()
-    torch.save(obj, f)
+    save_megatron_file(obj, f)
     megatron_to_hf(src, tmp_path / "hf", show_progress=False)
     diff = (hf_logits(tmp_path / "hf", ref["tokens"]) - ref["logits"]).abs().max().item()
     assert diff > 1e-3, diff

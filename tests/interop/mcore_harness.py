@@ -25,8 +25,9 @@ import torch
 # the CPU shims live next to this file; make them importable by plain name here, in the
 # forkserver and in the rank processes (all inherit sys.path)
 _HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+for _p in (_HERE, str(Path(_HERE).parent)):      # tests/interop (shims), tests (safe_load)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 __all__ = [
     "MegatronHarnessError",
@@ -50,29 +51,13 @@ class MegatronHarnessError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- file layout
-def _safe_globals() -> list:
-    """Classes a real Megatron-LM torch checkpoint pickles besides tensors: the args
-    Namespace and the numpy RNG state in ``rng_state`` (ndarray + dtype objects)."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    out = [argparse.Namespace, np.ndarray, np.dtype, _reconstruct]
-    dtypes_mod = getattr(np, "dtypes", None)
-    if dtypes_mod is not None:
-        for name in dir(dtypes_mod):
-            obj = getattr(dtypes_mod, name)
-            if isinstance(obj, type) and issubclass(obj, np.dtype):
-                out.append(obj)
-    return out
-
-
 def safe_torch_load(path: Path | str) -> dict:
-    """``torch.load(weights_only=True)`` with the Namespace/numpy-RNG allowlist."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+    """``torch.load(weights_only=True)`` allowing exactly the Namespace / numpy-RNG classes and
+    megatron-core's own SAFE_GLOBALS (its args objects come back as megatron-core's objects), in
+    a scope that leaves the process's registrations as they were (tests/safe_load.py)."""
+    from safe_load import load_megatron_file
+
+    return load_megatron_file(path, real_megatron=True)
 
 
 def resolve_iteration_dir(ckpt_root: Path | str, iteration="latest") -> Path:
@@ -159,7 +144,7 @@ def _transformer_config(args, tp: int, pp: int, vpp):
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else _gelu(args),
         normalization=_arg(args, "normalization", "LayerNorm"),
-        layernorm_epsilon=_arg(args, "norm_epsilon", 1e-5),
+        layernorm_epsilon=_arg(args, "norm_epsilon", _arg(args, "layernorm_epsilon", 1e-5)),
         add_bias_linear=bool(_arg(args, "add_bias_linear", True)),
         add_qkv_bias=bool(_arg(args, "add_qkv_bias", False)),
         rotary_interleaved=bool(_arg(args, "rotary_interleaved", False)),
