@@ -142,7 +142,7 @@ NEUTRAL = _names("""
     non_persistent_ckpt_type non_persistent_global_ckpt_dir non_persistent_local_ckpt_algo
     non_persistent_local_ckpt_dir non_persistent_save_interval pretrained_checkpoint replication
     replication_factor replication_jump save save_dgrads_interval save_interval save_retain_interval
-    save_wgrads_interval strict_fsdp_dtensor_load use_checkpoint_args use_dist_ckpt_deprecated
+    save_wgrads_interval strict_fsdp_dtensor_load use_checkpoint_args use_dist_ckpt use_dist_ckpt_deprecated
     use_mp_args_from_checkpoint_args use_persistent_ckpt_worker use_tokenizer_model_from_checkpoint_args
     # data and dataloader
     allow_ambiguous_pad_tokens create_attention_mask_in_dataloader data_args_path data_cache_path
