@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib import (REPO, ckptconv_cmd, du, generate, llama_config, machine_facts,  # noqa: E402
+from benchlib import (REPO, TORCH_THREADS, ckptconv_cmd, du, generate, llama_config, machine_facts,  # noqa: E402
                       model_facts, run_child)
 from scale_report import render  # noqa: E402
 
@@ -161,6 +161,8 @@ class Bench:
                 if "hf-to-megatron" in steps:
                     self.command(res, "hf-to-megatron", ["hf-to-megatron", src, mg, "--tp", "2", "--pp", "2",
                                                          "--ckpt-format", "torch_dist"], cp)
+                if self.dropped(name, shape, src) and "verify" not in steps:
+                    shutil.rmtree(src)          # not needed any more: room for the next two outputs
                 if "megatron-to-hf" in steps:
                     self.command(res, "megatron-to-hf", ["megatron-to-hf", mg, back], cp)
                 if "verify" in steps:
@@ -171,7 +173,13 @@ class Bench:
                                                   "--ckpt-format", "torch_dist"], cp)
             finally:
                 shutil.rmtree(work, ignore_errors=True)     # outputs never outlive their case
+                if self.dropped(name, shape, src):
+                    shutil.rmtree(src, ignore_errors=True)
         return res
+
+    def dropped(self, name: str, shape: Shape, src: Path) -> bool:
+        """--drop-sources names this case and its source is one this script named (generated)."""
+        return name in self.a.drop_sources and src.name == shape.name()
 
     @contextlib.contextmanager
     def lock(self, needed: bool):
@@ -191,7 +199,8 @@ class Bench:
     def config_forecasts(self) -> list[dict]:
         """Dry runs of hf-to-megatron from the shipped configs alone (70B, 405B, 671B-sized MoE)."""
         out = []
-        for name, layout in CONFIG_LAYOUTS.items():
+        for name in self.a.configs:
+            layout = CONFIG_LAYOUTS[name]
             r = self.child([*self.cli, "hf-to-megatron", CONFIGS / name, self.a.out_dir / "config-only", *layout,
                             "--dry-run", "--json"], f"config-{name}")
             try:
@@ -211,7 +220,7 @@ class Bench:
             return {"ran": False, "why": "bench/bench_workers.py is not in this checkout"}
         r = self.child([sys.executable, script, *self.a.workers_args], "bench_workers")
         return {"ran": True, "cmd": r["cmd"], "rc": r["rc"], "wall_s": r["wall_s"],
-                "stdout_tail": r["stdout"][-3000:]}
+                "stdout_tail": r["stdout"][-3000:], "results": "bench/results_workers.md"}
 
 
 def _same_model(d: Path, shape: Shape) -> bool:
@@ -231,16 +240,28 @@ def _same_model(d: Path, shape: Shape) -> bool:
 def run(a: argparse.Namespace, runner=run_child) -> dict:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     b = Bench(a, runner)
-    results = {"command": " ".join(sys.argv), "machine": machine_facts(a.out_dir), "cases": []}
+    threads = b.child(TORCH_THREADS, "torch-threads")["stdout"]
+    results = {"command": " ".join(sys.argv), "machine": machine_facts(a.out_dir, threads), "cases": []}
     t0 = time.perf_counter()
     baseline = b.child([sys.executable, "-c", "import ckptconv.cli.main"], "import-cli")
     results["startup"] = {"import ckptconv.cli.main": _brief(baseline),
                           "ckptconv --help": _brief(b.child([*b.cli, "--help"], "help")),
-                          "import torch": _brief(b.child([sys.executable, "-c", "import torch"], "import-torch"))}
+                          "import torch": _brief(b.child([sys.executable, "-c", "import torch"], "import-torch")),
+                          "import torch.distributed.checkpoint": _brief(b.child(
+                              [sys.executable, "-c", "import torch.distributed.checkpoint"], "import-dcp"))}
+    results["config_forecasts"] = b.config_forecasts()
+    results["workers"] = {"ran": False, "why": "--no-workers" if not a.run_workers else "not run yet"}
     for name in a.cases:
         results["cases"].append(b.case(name))
-    results["config_forecasts"] = b.config_forecasts()
-    results["workers"] = b.workers() if a.run_workers else {"ran": False, "why": "--no-workers"}
+        _write(a, results, t0)                  # after every case: a long run that stops keeps its numbers
+    if a.run_workers:
+        results["workers"] = b.workers()
+    _write(a, results, t0)
+    print(f"wrote {a.results_dir / 'results_scale.json'} and {a.doc}; ok={results['ok']}", flush=True)
+    return results
+
+
+def _write(a: argparse.Namespace, results: dict, t0: float) -> None:
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["total_s"] = time.perf_counter() - t0
     results["ok"] = all(c["ok"] for c in results["cases"])
@@ -248,8 +269,6 @@ def run(a: argparse.Namespace, runner=run_child) -> dict:
     (a.results_dir / "results_scale.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     a.doc.parent.mkdir(parents=True, exist_ok=True)
     a.doc.write_text(render(results))
-    print(f"wrote {a.results_dir / 'results_scale.json'} and {a.doc}; ok={results['ok']}", flush=True)
-    return results
 
 
 def _brief(r: dict) -> dict:
@@ -266,6 +285,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lock", type=Path, default=None, help="flock held by big cases [default: DATA_DIR/.lock]")
     p.add_argument("--results-dir", type=Path, default=HERE, help="where results_scale.json goes")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--configs", nargs="*", choices=sorted(CONFIG_LAYOUTS), default=None,
+                   help="fixtures/configs/ to forecast from the config alone [default: all; --smoke: the 70B]")
+    p.add_argument("--drop-sources", nargs="*", default=[], metavar="CASE",
+                   help="delete these cases' generated sources after them (disk space; default: keep)")
     p.add_argument("--no-workers", dest="run_workers", action="store_false",
                    help="do not run bench/bench_workers.py")
     p.add_argument("--workers-args", nargs=argparse.REMAINDER, default=[],
@@ -274,6 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_shape", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.cases = a.cases or (["tiny"] if a.smoke else DEFAULT_CASES)
+    if a.configs is None:
+        a.configs = ["llama3-70b.json"] if a.smoke else list(CONFIG_LAYOUTS)
     if a.smoke:
         a.run_workers = False
     a.out_dir = a.out_dir or a.data_dir / "out-bench-scale"

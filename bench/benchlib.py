@@ -165,7 +165,12 @@ def sync() -> None:
 # ------------------------------------------------------------------------------------------------
 # facts about the machine
 # ------------------------------------------------------------------------------------------------
-def machine_facts(out_root: Path) -> dict:
+TORCH_THREADS = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+
+
+def machine_facts(out_root: Path, torch_threads_output: str | None = None) -> dict:
+    """CPU, cores, RAM, disk, load, versions, git state. ``torch_threads_output``: what
+    TORCH_THREADS printed, if the caller ran it (else it is run here)."""
     # The driver never imports torch: its RSS must stay small (see run_child).
     from importlib import metadata
 
@@ -191,8 +196,9 @@ def machine_facts(out_root: Path) -> dict:
     except (OSError, StopIteration):
         pass
     try:
-        threads = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                                     capture_output=True, text=True, timeout=120).stdout.strip())
+        if torch_threads_output is None:
+            torch_threads_output = subprocess.run(TORCH_THREADS, capture_output=True, text=True, timeout=120).stdout
+        threads = int(torch_threads_output.strip())
     except (OSError, subprocess.SubprocessError, ValueError):
         threads = None
     git = {}

@@ -80,6 +80,10 @@ def render(results: dict) -> str:
     L += ["", "## Start-up", "", "| command | wall s | peak RSS (MiB) |", "|---|---:|---:|"]
     for k, v in results["startup"].items():
         L.append(f"| `{k}` | {_f(v['wall_s'])} | {_f(v['peak_rss_mib'], '.0f')} |")
+    L += ["", "`import ckptconv.cli.main` and `--help` import no torch (tests/unit/test_startup_imports.py); a "
+          "conversion pays `import torch`, and one that writes torch_dist also "
+          "`torch.distributed.checkpoint` (it pulls in DTensor, torch.fx and sympy), which `python -X importtime` "
+          "shows as the two large items; ckptconv's own modules add about 0.1 s."]
     for c in results["cases"]:
         mo, sh = c["model"], c["shape"]
         L += ["", f"## {c['case']}: hidden {sh['hidden']}, ffn {sh['ffn']}, vocab {sh['vocab']}, {sh['layers']} layers, "
@@ -108,7 +112,8 @@ def render(results: dict) -> str:
                      f"{_f(f['peak_rss_mib'], '.0f')} |")
     w = results.get("workers") or {}
     L += ["", "## --workers", ""]
-    L.append(f"`bench/bench_workers.py` (rc {w['rc']}, {w['wall_s']:.0f} s):\n\n```\n{w['stdout_tail'][-1500:]}\n```"
+    L.append(f"`bench/bench_workers.py` (rc {w['rc']}, {w['wall_s']:.0f} s; its tables: {w['results']}):"
+             f"\n\n```\n{w['stdout_tail'][-1500:]}\n```"
              if w.get("ran") else f"Not run here: {w.get('why')}.")
     L += ["", "## How it is measured", "",
           "- Each step is its own child process; peak RSS is its `ru_maxrss` read by a small parent (GNU time, "

@@ -8,12 +8,17 @@ each kind the engine makes over the bytes of each command. The forecast is the s
 
     start-up      interpreter + torch import (measured: this process's age at the dry-run) and,
                   when torch_dist is written, torch.distributed.checkpoint's import;
-    read          bytes read / read rate;
-    cpu           per byte: NaN/overflow scan, manifest SHA-256, memory copies (op, TP slicing,
-                  serialisation), divided over the worker processes that share the cores;
+    read+copy     bytes read / read rate, and memory copies per written byte (op, TP slicing,
+                  serialisation);
+    scan+hash     per byte read: NaN/overflow scans and SHA-256 (fingerprint manifest, integrity);
     write         bytes written / page-cache write rate up to the dirty-page allowance, the rest
-                  at the disk's sustained rate (the kernel throttles writers past it);
+                  at the disk's sustained rate (the kernel throttles writers past it), and the
+                  SHA-256 of what is written where the format records it (torch_dist);
     per piece     a fixed cost per written piece (a tensor slice of one rank; a torch_dist file).
+
+An engine that runs the three middle lanes on their own threads (``Profile.overlapped``) is
+forecast as the slowest lane or the CPU they share over the cores, whichever is longer
+(``stream``). Worker processes divide the CPU work up to the number of cores.
 
 ``PROFILES`` are counts read off the engine's hot loops and checked by ``bench/bench_scale.py``
 against measured runs (docs/benchmarks.md gives the forecast error): when the engine changes how
@@ -46,21 +51,24 @@ class Profile:
     """How the engine treats each byte of one kind of conversion."""
     copies_per_byte: float          # memory passes over the written bytes (op, slicing, serialising)
     scans_per_byte: float           # NaN/overflow scans over the read bytes
-    hashes_per_byte: float          # SHA-256 passes (manifest) over the logical bytes
+    hashes_per_byte: float          # SHA-256 passes over the read bytes (fingerprints, source integrity)
+    out_hashes_per_byte: float      # SHA-256 passes over the written bytes (torch_dist integrity.json)
     piece_s: float                  # fixed cost per written piece (s)
     import_ratio: float             # extra import time as a fraction of start-up (torch_dist: DCP)
+    overlapped: bool = True         # checks, hashes and writes run on their own threads
 
 
-# (command, output format) -> profile. Counts from engine/convert.py and engine/reshard*.py:
-# hf_to_megatron: read, aminmax, op (cat for fused qkv / gate_up), per-rank slice copy, torch.save;
-# megatron_to_hf: read TP shards + cat, aminmax, inverse op split, safetensors write;
-# reshard: read shards + assemble, per-rank slices, serialise, manifest from the assembled tensor.
+# (command, output format) -> profile, read off the engine (engine/convert.py, reshard_workers.py,
+# checks.py, overlap.py): the main thread reads and transforms (fused QKV / gate-up and vocab
+# padding: one copy; TP slices of row-split tensors: one copy), StreamChecks scans and hashes the
+# fingerprints on a thread, WriteBehind writes (and hashes torch_dist records for integrity.json)
+# on another, and megatron-to-hf / reshard hash the source for its integrity check on a third.
 PROFILES: dict[tuple[str, str], Profile] = {
-    ("hf_to_megatron", "megatron_torch_dist"): Profile(2.0, 1.0, 1.0, 0.004, 0.7),
-    ("hf_to_megatron", "megatron_torch"): Profile(2.0, 1.0, 1.0, 0.001, 0.0),
-    ("megatron_to_hf", "hf"): Profile(2.0, 1.0, 1.0, 0.001, 0.0),
-    ("reshard", "megatron_torch_dist"): Profile(3.0, 0.0, 1.0, 0.004, 0.7),
-    ("reshard", "megatron_torch"): Profile(3.0, 0.0, 1.0, 0.001, 0.0),
+    ("hf_to_megatron", "megatron_torch_dist"): Profile(1.0, 1.0, 1.0, 1.0, 0.001, 0.7),
+    ("hf_to_megatron", "megatron_torch"): Profile(1.0, 1.0, 1.0, 0.0, 0.001, 0.0),
+    ("megatron_to_hf", "hf"): Profile(2.0, 1.0, 2.0, 0.0, 0.001, 0.0),      # + the TP assembly copy
+    ("reshard", "megatron_torch_dist"): Profile(1.0, 0.0, 2.0, 1.0, 0.001, 0.7),
+    ("reshard", "megatron_torch"): Profile(1.0, 0.0, 2.0, 0.0, 0.001, 0.0),
 }
 
 
@@ -79,7 +87,11 @@ def profile_for(work: Work) -> Profile:
     try:
         return PROFILES[(work.command, work.out_format)]
     except KeyError:
-        return max(PROFILES.values(), key=lambda p: p.copies_per_byte)    # the costliest known
+        return max(PROFILES.values(), key=_passes)
+
+
+def _passes(p: Profile) -> float:
+    return p.copies_per_byte + p.scans_per_byte + p.hashes_per_byte + p.out_hashes_per_byte
 
 
 def write_seconds(nbytes: int, rates: Rates) -> float:
@@ -87,20 +99,28 @@ def write_seconds(nbytes: int, rates: Rates) -> float:
     return cached / rates.write_Bps + (nbytes - cached) / rates.disk_write_Bps
 
 
-def forecast_seconds(work: Work, rates: Rates) -> dict:
-    """Forecast wall time: ``{"seconds": total, "parts": {part: seconds}}``."""
-    p = profile_for(work)
+def forecast_seconds(work: Work, rates: Rates, profile: Profile | None = None) -> dict:
+    """Forecast wall time: ``{"seconds": total, "parts": {part: seconds}}``.
+
+    Three lanes: reading + copies (the main thread), scans + hashes, writing. Serial engines add
+    them up; an ``overlapped`` engine runs them side by side, bounded by the slowest lane and by
+    the CPU work they share over the cores. Workers divide the CPU work between processes (up to
+    the cores); the disk is shared."""
+    p = profile or profile_for(work)
     share = max(1, min(work.workers, rates.cores))
-    cpu = (work.bytes_read * p.scans_per_byte / rates.scan_Bps
-           + max(work.bytes_read, work.bytes_written) * p.hashes_per_byte / rates.hash_Bps
-           + work.bytes_written * p.copies_per_byte / rates.copy_Bps) / share
-    parts = {
-        "startup": rates.startup_s * (1.0 + p.import_ratio),
-        "read": work.bytes_read / rates.read_Bps,
-        "cpu": cpu,
-        "write": write_seconds(work.bytes_written, rates),
-        "pieces": work.pieces_written * p.piece_s / share,
-    }
+    main = (work.bytes_read / rates.read_Bps + work.bytes_written * p.copies_per_byte / rates.copy_Bps) / share
+    checks = (work.bytes_read * p.scans_per_byte / rates.scan_Bps
+              + work.bytes_read * p.hashes_per_byte / rates.hash_Bps) / share
+    out_hash = work.bytes_written * p.out_hashes_per_byte / rates.hash_Bps / share
+    write = write_seconds(work.bytes_written, rates) + out_hash
+    pieces = work.pieces_written * p.piece_s / share
+    if p.overlapped:
+        cached = min(work.bytes_written, rates.dirty_allowance_bytes) / rates.write_Bps
+        cpu = ((main + checks + out_hash) * share + cached) / rates.cores
+        body = {"stream": max(main, checks, write, cpu)}
+    else:
+        body = {"read+copy": main, "scan+hash": checks, "write": write}
+    parts = {"startup": rates.startup_s * (1.0 + p.import_ratio), **body, "pieces": pieces}
     return {"seconds": sum(parts.values()), "parts": parts}
 
 

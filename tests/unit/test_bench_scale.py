@@ -59,13 +59,12 @@ def test_smoke_run_measures_every_step_and_cleans_up(tmp_path):
     (src,) = [p for p in (tmp_path / "data").iterdir() if p.name.startswith("llama-")]
     assert (src / "model.safetensors.index.json").is_file()
     assert [p.name for p in (tmp_path / "data" / "out-bench-scale").iterdir() if p.name != "logs"] == []
-    params = {f["config"]: f["params"] for f in res["config_forecasts"]}
-    assert params == {"llama3-70b.json": pytest.approx(70.55e9, rel=1e-3),
-                      "llama3-405b.json": pytest.approx(405.85e9, rel=1e-3),
-                      "qwen3-moe-deepseek-v3-size.json": pytest.approx(672.3e9, rel=1e-3)}
+    (fc,) = res["config_forecasts"]         # --smoke: the 70B config only
+    assert fc["config"] == "llama3-70b.json" and fc["params"] == pytest.approx(70.55e9, rel=1e-3)
+    assert fc["time_forecast_s"] > 0
     assert json.loads((tmp_path / "results_scale.json").read_text())["cases"][0]["case"] == "tiny"
     doc = (tmp_path / "benchmarks.md").read_text()
-    assert "## tiny:" in doc and "## Machine" in doc and "llama3-405b.json" in doc
+    assert "## tiny:" in doc and "## Machine" in doc and "llama3-70b.json" in doc
     # a second run reuses the source instead of generating it again
     again = bench_scale.Bench(a, in_process(bench_scale.ckptconv_cmd()))
     assert again.source(bench_scale.CASES["tiny"][0]) == src

@@ -1,14 +1,18 @@
 """The time forecast's arithmetic (plain numbers, no machine, no tensors)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from ckptconv.plan import forecast
 from ckptconv.plan.forecast import PROFILES, Rates, Work, forecast_seconds, pieces_written, write_seconds
 from ckptconv.plan.megatron_layout import MegatronLayout
 
 GB = 10**9
 RATES = Rates(read_Bps=2 * GB, write_Bps=1 * GB, disk_write_Bps=0.25 * GB, dirty_allowance_bytes=4 * GB,
               copy_Bps=4 * GB, scan_Bps=8 * GB, hash_Bps=1 * GB, startup_s=2.0, cores=2)
+KEY = ("hf_to_megatron", "megatron_torch")
 
 
 def test_writes_past_the_dirty_allowance_go_at_disk_speed():
@@ -16,32 +20,42 @@ def test_writes_past_the_dirty_allowance_go_at_disk_speed():
     assert write_seconds(6 * GB, RATES) == pytest.approx(4.0 + 2 * GB / (0.25 * GB))
 
 
-def test_parts_add_up_from_the_profile():
-    p = PROFILES[("hf_to_megatron", "megatron_torch")]
-    fc = forecast_seconds(Work("hf_to_megatron", "megatron_torch", 10 * GB, 10 * GB, 1000), RATES)
+def test_serial_parts_add_up_from_the_profile():
+    p = replace(PROFILES[KEY], overlapped=False)
+    fc = forecast_seconds(Work(*KEY, 10 * GB, 10 * GB, 1000), RATES, profile=p)
     parts = fc["parts"]
-    assert parts["read"] == pytest.approx(5.0)
-    assert parts["write"] == pytest.approx(4.0 + 6 * 4.0)
-    assert parts["cpu"] == pytest.approx(10 * p.scans_per_byte / 8 + 10 * p.hashes_per_byte / 1
-                                         + 10 * p.copies_per_byte / 4)
+    assert parts["read+copy"] == pytest.approx(10 / 2 + 10 * p.copies_per_byte / 4)
+    assert parts["scan+hash"] == pytest.approx(10 * p.scans_per_byte / 8 + 10 * p.hashes_per_byte / 1)
+    assert parts["write"] == pytest.approx(4.0 + 6 * 4.0 + 10 * p.out_hashes_per_byte / 1)
     assert parts["pieces"] == pytest.approx(1000 * p.piece_s)
     assert parts["startup"] == pytest.approx(2.0 * (1 + p.import_ratio))
     assert fc["seconds"] == pytest.approx(sum(parts.values()))
 
 
+def test_an_overlapped_engine_takes_its_slowest_lane_or_the_shared_cpu():
+    p = replace(PROFILES[KEY], overlapped=True, scans_per_byte=1.0, hashes_per_byte=1.0, copies_per_byte=1.0,
+                out_hashes_per_byte=0.0)
+    serial = forecast_seconds(Work(*KEY, 2 * GB, 2 * GB, 0), RATES, profile=replace(p, overlapped=False))["parts"]
+    fc = forecast_seconds(Work(*KEY, 2 * GB, 2 * GB, 0), RATES, profile=p)["parts"]
+    lanes = (serial["read+copy"], serial["scan+hash"], serial["write"])
+    assert fc["stream"] == pytest.approx(max(max(lanes), sum(lanes) / 2))
+    slow_disk = replace(RATES, dirty_allowance_bytes=0, disk_write_Bps=0.1 * GB)
+    assert forecast_seconds(Work(*KEY, 2 * GB, 2 * GB, 0), slow_disk, profile=p)["parts"]["stream"] == \
+        pytest.approx(20.0)                                            # the disk is the bound
+
+
 def test_torch_dist_costs_its_import_and_workers_share_the_cpu_up_to_the_cores():
-    one = forecast_seconds(Work("reshard", "megatron_torch_dist", GB, GB, 10, workers=1), RATES)["parts"]
-    two = forecast_seconds(Work("reshard", "megatron_torch_dist", GB, GB, 10, workers=2), RATES)["parts"]
-    four = forecast_seconds(Work("reshard", "megatron_torch_dist", GB, GB, 10, workers=4), RATES)["parts"]
-    assert one["startup"] > RATES.startup_s
-    assert two["cpu"] == pytest.approx(one["cpu"] / 2) and four["cpu"] == pytest.approx(two["cpu"])
-    assert two["read"] == one["read"] and two["write"] == one["write"]
+    p = replace(PROFILES[("reshard", "megatron_torch_dist")], overlapped=False, out_hashes_per_byte=0.0)
+    one, two, four = (forecast_seconds(Work("reshard", "megatron_torch_dist", GB, GB, 10, workers=w), RATES,
+                                       profile=p)["parts"] for w in (1, 2, 4))
+    assert p.import_ratio > 0 and one["startup"] > RATES.startup_s
+    assert two["scan+hash"] == pytest.approx(one["scan+hash"] / 2) and four["scan+hash"] == two["scan+hash"]
+    assert two["write"] == one["write"]
 
 
 def test_an_unknown_command_gets_the_costliest_profile():
-    w = dict(bytes_read=GB, bytes_written=GB, pieces_written=1)
-    unknown = forecast_seconds(Work("something_new", "megatron_torch", **w), RATES)["seconds"]
-    assert unknown >= max(forecast_seconds(Work(c, f, **w), RATES)["seconds"] for c, f in PROFILES) - 1e-9
+    assert forecast.profile_for(Work("something_new", "megatron_torch", GB, GB, 1)) == \
+        max(PROFILES.values(), key=forecast._passes)
 
 
 def test_pieces_count_every_rank_file_holding_a_slice():
