@@ -122,15 +122,16 @@ class Bench:
 
     def command(self, res: dict, key: str, args: list, cp: dict, forecast: bool = True) -> dict:
         """The dry-run forecast (``forecast``) and the measured run of one ckptconv command."""
-        fc = None
+        fc, detail, tag = None, None, f"{res['case']}-{key}"
         if forecast:
-            dry = self.child([*self.cli, *args, "--dry-run", "--json"], f"{key}-dry")
+            dry = self.child([*self.cli, *args, "--dry-run", "--json"], f"{tag}-dry")
             try:
-                fc = json.loads(dry["stdout"]).get("time_forecast_s")
+                summary = json.loads(dry["stdout"])
+                fc, detail = summary.get("time_forecast_s"), summary.get("time_forecast")
             except ValueError:
-                fc = None
-        r = self.synced([*self.cli, *args, "--json"] if key != "verify" else [*self.cli, *args], key)
-        r["forecast_s"] = fc
+                pass
+        r = self.synced([*self.cli, *args, "--json"] if key != "verify" else [*self.cli, *args], tag)
+        r["forecast_s"], r["forecast"] = fc, detail     # detail: the rates and work, to re-forecast later
         r["forecast_error"] = None if fc is None or not r["wall_s"] else (fc - r["wall_s"]) / r["wall_s"]
         r["ratio_to_cp"] = (r["wall_s"] + r["sync_s"]) / (cp["wall_s"] + cp["sync_s"])
         r["ok"] = r["rc"] == 0 and (key != "verify" or ("equivalent" in r["stdout"] and "NOT" not in r["stdout"]))
@@ -271,6 +272,21 @@ def _write(a: argparse.Namespace, results: dict, t0: float) -> None:
     a.doc.write_text(render(results))
 
 
+def reforecast(results: dict) -> dict:
+    """Recompute every step's forecast from the rates and work its dry run recorded, with this
+    checkout's plan/forecast.py (after a PROFILES change: no need to rerun the conversions)."""
+    from ckptconv.plan.forecast import Rates, Work, forecast_seconds     # pure arithmetic: no torch
+
+    for case in results["cases"]:
+        for s in case["steps"].values():
+            if s.get("forecast"):
+                fc = forecast_seconds(Work(**s["forecast"]["work"]), Rates(**s["forecast"]["rates"]))
+                s["forecast_s"] = fc["seconds"]
+                s["forecast"]["parts_s"] = fc["parts"]
+                s["forecast_error"] = (fc["seconds"] - s["wall_s"]) / s["wall_s"]
+    return results
+
+
 def _brief(r: dict) -> dict:
     return {"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"], "rc": r["rc"]}
 
@@ -293,6 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not run bench/bench_workers.py")
     p.add_argument("--workers-args", nargs=argparse.REMAINDER, default=[],
                    help="arguments for bench/bench_workers.py (the rest of the command line)")
+    p.add_argument("--reforecast", type=Path, metavar="RESULTS_JSON",
+                   help="recompute the forecasts of a results_scale.json with this checkout's forecast model, "
+                        "rewrite it and --doc; runs nothing")
     p.add_argument("--_generate", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_shape", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -311,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     if a._generate:
         shape = json.loads(a._shape)
         generate(argparse.Namespace(**shape), shape["layers"], a._generate)
+        return 0
+    if a.reforecast:
+        results = reforecast(json.loads(a.reforecast.read_text()))
+        a.reforecast.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        a.doc.write_text(render(results))
         return 0
     return 0 if run(a)["ok"] else 1
 

@@ -17,8 +17,9 @@ each kind the engine makes over the bytes of each command. The forecast is the s
     per piece     a fixed cost per written piece (a tensor slice of one rank; a torch_dist file).
 
 An engine that runs the three middle lanes on their own threads (``Profile.overlapped``) is
-forecast as the slowest lane or the CPU they share over the cores, whichever is longer
-(``stream``). Worker processes divide the CPU work up to the number of cores.
+forecast as the slowest lane or the CPU they share over the cores, whichever is longer, plus
+``OVERLAP_LOSS`` of the other lanes (``stream``). Worker processes divide the CPU work up to the
+number of cores.
 
 ``PROFILES`` are counts read off the engine's hot loops and checked by ``bench/bench_scale.py``
 against measured runs (docs/benchmarks.md gives the forecast error): when the engine changes how
@@ -72,6 +73,12 @@ PROFILES: dict[tuple[str, str], Profile] = {
 }
 
 
+# The part of the other lanes' time an overlapped engine does not hide: its queues are one tensor
+# deep, tensors differ in size and Python holds the GIL between the threads' C calls. Fitted on
+# bench/bench_scale.py's 1 GB and 7B runs (docs/benchmarks.md).
+OVERLAP_LOSS = 0.3
+
+
 @dataclass(frozen=True)
 class Work:
     """What a plan will do, from metadata alone."""
@@ -117,7 +124,9 @@ def forecast_seconds(work: Work, rates: Rates, profile: Profile | None = None) -
     if p.overlapped:
         cached = min(work.bytes_written, rates.dirty_allowance_bytes) / rates.write_Bps
         cpu = ((main + checks + out_hash) * share + cached) / rates.cores
-        body = {"stream": max(main, checks, write, cpu)}
+        lanes = (main, checks, write)
+        slowest = max(*lanes, cpu)
+        body = {"stream": slowest + OVERLAP_LOSS * max(0.0, sum(lanes) - max(lanes))}
     else:
         body = {"read+copy": main, "scan+hash": checks, "write": write}
     parts = {"startup": rates.startup_s * (1.0 + p.import_ratio), **body, "pieces": pieces}

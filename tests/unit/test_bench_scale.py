@@ -65,6 +65,11 @@ def test_smoke_run_measures_every_step_and_cleans_up(tmp_path):
     assert json.loads((tmp_path / "results_scale.json").read_text())["cases"][0]["case"] == "tiny"
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "## tiny:" in doc and "## Machine" in doc and "llama3-70b.json" in doc
+    # --reforecast recomputes the same forecasts from the recorded rates and work
+    saved = json.loads((tmp_path / "results_scale.json").read_text())
+    again = bench_scale.reforecast(json.loads(json.dumps(saved)))
+    for key in ("hf-to-megatron", "megatron-to-hf", "reshard"):
+        assert again["cases"][0]["steps"][key]["forecast_s"] == pytest.approx(case["steps"][key]["forecast_s"], abs=0.01)
     # a second run reuses the source instead of generating it again
     again = bench_scale.Bench(a, in_process(bench_scale.ckptconv_cmd()))
     assert again.source(bench_scale.CASES["tiny"][0]) == src
