@@ -242,7 +242,8 @@ def run(a: argparse.Namespace, runner=run_child) -> dict:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     b = Bench(a, runner)
     threads = b.child(TORCH_THREADS, "torch-threads")["stdout"]
-    results = {"command": " ".join(sys.argv), "machine": machine_facts(a.out_dir, threads), "cases": []}
+    results = {"command": " ".join(sys.argv), "machine": machine_facts(a.out_dir, threads), "cases": [],
+               "note": a.note}
     t0 = time.perf_counter()
     baseline = b.child([sys.executable, "-c", "import ckptconv.cli.main"], "import-cli")
     results["startup"] = {"import ckptconv.cli.main": _brief(baseline),
@@ -309,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not run bench/bench_workers.py")
     p.add_argument("--workers-args", nargs=argparse.REMAINDER, default=[],
                    help="arguments for bench/bench_workers.py (the rest of the command line)")
+    p.add_argument("--note", default=None, help="a sentence for the top of --doc (e.g. the machine's state)")
     p.add_argument("--reforecast", type=Path, metavar="RESULTS_JSON",
                    help="recompute the forecasts of a results_scale.json with this checkout's forecast model, "
                         "rewrite it and --doc; runs nothing")

@@ -62,6 +62,7 @@ def render(results: dict) -> str:
          "`bench/results_scale.json`. Every figure is a ratio to `cp -r` + `sync` of the same checkpoint "
          "measured in the same run, so that the machine's speed and load cancel out as far as they can; "
          "absolute seconds are given for context only.", "",
+         *([f"**Note.** {results['note']}", ""] if results.get("note") else []),
          "## Machine", "",
          f"- CPU: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
          f"torch threads {m['torch_threads']}",
