@@ -219,7 +219,8 @@ class Bench:
         script = HERE / "bench_workers.py"
         if not script.is_file():
             return {"ran": False, "why": "bench/bench_workers.py is not in this checkout"}
-        r = self.child([sys.executable, script, *self.a.workers_args], "bench_workers")
+        with self.lock(True):            # it writes GB-sized outputs of its own
+            r = self.child([sys.executable, script, *self.a.workers_args], "bench_workers")
         return {"ran": True, "cmd": r["cmd"], "rc": r["rc"], "wall_s": r["wall_s"],
                 "stdout_tail": r["stdout"][-3000:], "results": "bench/results_workers.md"}
 
