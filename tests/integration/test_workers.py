@@ -108,16 +108,22 @@ def test_two_workers_write_what_one_writes(case, dcp_src, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_a_failing_worker_fails_the_command_and_leaves_nothing(tmp_path, fmt):
-    """A NaN in layer 3 is read only by the worker of pipeline stage 1 (torch) or of that tensor's
-    share (torch_dist): its typed error is the command's (exit 2, one line), nothing is left behind."""
+def nan_source(tmp_path: Path) -> Path:
+    """tiny-llama with one NaN in layer 3 (pipeline stage 1 of 2)."""
     src = tmp_path / "src"
     shutil.copytree(TINY, src)
     f = next(p for p in src.glob("*.safetensors") if "model.layers.3.mlp.down_proj.weight" in load_file(p))
     tensors = load_file(f)
     tensors["model.layers.3.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(tensors, f, metadata={"format": "pt"})
+    return src
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_a_failing_worker_fails_the_command_and_leaves_nothing(tmp_path, fmt):
+    """A NaN in layer 3 is read only by the worker of pipeline stage 1 (torch) or of that tensor's
+    share (torch_dist): its typed error is the command's (exit 2, one line), nothing is left behind."""
+    src = nan_source(tmp_path)
     dst = tmp_path / "out"
     res = run("hf-to-megatron", src, dst, "--tp", 2, "--pp", 2, "--ckpt-format", fmt, "--workers", 2)
     one_line_error(res, "model.layers.3.mlp.down_proj.weight")
@@ -177,3 +183,14 @@ def test_jobs_pickle_for_spawned_workers(tmp_path):
         job = WorkerJob.of(fn, TINY, dtype=torch.bfloat16, workers=2, overwrite=True, tp=2)
         back = pickle.loads(pickle.dumps(job))
         assert back.fn is fn and back.kwargs == {"dtype": torch.bfloat16, "tp": 2} and back.args == (TINY,)
+
+
+def test_torchrun_a_failing_rank_fails_every_rank_and_leaves_nothing(tmp_path):
+    """Under torchrun the rank that reads the NaN fails the collective torch_dist save: every rank
+    exits 2 with the same one-line error (one line per rank), no output and no temporary directory."""
+    src = nan_source(tmp_path)
+    p = torchrun(["hf-to-megatron", src, "--tp", 2, "--pp", 2, "--ckpt-format", "torch_dist"], tmp_path / "out")
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode != 0 and len(lines) == 2 and all("model.layers.3.mlp.down_proj.weight" in ln for ln in lines)
+    assert "exitcode  : 2" in p.stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["src"]
