@@ -110,8 +110,8 @@ WORKER_OVERHEAD = 400 * 2**20
 # below this many output bytes a second process costs more (start, re-plan, gloo) than it saves
 AUTO_MIN_BYTES = 2 * 2**30
 # one worker already keeps more than one core busy (its reading thread, the write-behind thread, the
-# fingerprint/NaN check thread, torch's intra-op threads): bench/results_workers.md measured 1.0-1.1
-# CPU seconds per wall second for one process, and no reliable gain from a second on 2 cores
+# fingerprint/NaN check thread, torch's intra-op threads: 1.04 cores measured, bench/results_workers.md),
+# and a second worker showed no reliable gain on 2 cores
 CPUS_PER_WORKER = 2
 
 
