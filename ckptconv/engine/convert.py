@@ -33,6 +33,8 @@ from .packed_experts import has_packed_experts, with_hub_experts
 from .manifest_parts import write_fingerprints
 from .overlap import background_integrity_check, behind, finish_integrity_check
 from .progress import progress
+from .rows import DEFAULT_BUDGET, Budget
+from .streams import hf_stream, megatron_item_stream
 from .share_writers import hf_files, hf_share_writer, megatron_share_writer
 from .workers import Share, WorkerJob, fan_out, output_dir, plan_workers, worker_command
 
@@ -44,7 +46,8 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
                        show_progress: bool = True, first_stage_layers: int | None = None,
                        last_stage_layers: int | None = None, ep: int = 1, etp: int = 1,
                        moe_grouped_gemm: bool = False, workers: int | str = 1, launcher: str = "local",
-                       share: Share | None = None, job: WorkerJob | None = None) -> dict:
+                       share: Share | None = None, job: WorkerJob | None = None,
+                       memory_budget: int = DEFAULT_BUDGET) -> dict:
     """Write an HF-named source (HF, DeepSpeed, ... see ckptconv.sources) as a Megatron checkpoint.
     ``workers`` > 1 / ``launcher="torchrun"``: ``job`` (this command as a worker re-runs it) writes
     the output on several processes (engine.workers); ``share``: write only that worker's files."""
@@ -76,22 +79,35 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
     extra = {"hf_config": hf_cfg, "family": family.name, "ckptconv_version": __version__}
     fingerprints = ManifestBuilder.for_hf_config(hf_cfg)
     checks = StreamChecks(fingerprints, path=source.path, allow_nonfinite=allow_nonfinite)
+    budget, streams = Budget(memory_budget), []
     with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp, \
             checks_closed(checks):
         with megatron_share_writer(ckpt_format, tmp, layout, plan.target_metas(), args=args, iteration=iteration,
                                    impl=impl, tie_copy=cfg.tie_embeddings, gated_mlp=cfg.gated, extra=extra,
                                    share=share) as writer:
             items = plan.items if share is None else [i for i in plan.items if writer.holds(i.megatron.name)]
+            streaming = getattr(writer, "takes_row_streams", False)
             with behind(writer) as out:
                 for item in progress(items, desc="to megatron", enabled=show_progress):
-                    xs = [source.read(m.name) for m in item.hf]
+                    s = megatron_item_stream(item, source, plan.ctx, budget, fingerprints, path=source.path,
+                                             allow_nonfinite=allow_nonfinite) if streaming else None
+                    if s is not None:       # rows read under the budget as the writer asks for them
+                        out.write(item.megatron.name, s)
+                        streams.append(s)
+                        continue
+                    with budget.io_lock:
+                        xs = [source.read(m.name) for m in item.hf]
+                    budget.note_whole(item.megatron.name, item.megatron.nbytes + sum(m.nbytes for m in item.hf))
                     for m, x in zip(item.hf, xs):   # fingerprints: what a reader of the output gets back
                         checks.submit(m.name, x, cast=item.megatron.dtype, fingerprint_as=m.name)
                     t = get_op(item.op).forward(xs, plan.ctx)
                     out.write(item.megatron.name, t.to(item.megatron.dtype))
                     del xs, t
                     release_freed_memory()
-            checks.finish()
+        for s in streams:
+            s.finish_targets()
+        checks.finish()
+        summary.update(budget.summary())
         if share is None or share.lead:
             assets = tmp / HF_ASSETS_DIR
             assets.mkdir()
@@ -116,7 +132,8 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, cache_dir: str | Path | 
 def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
                  overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
                  show_progress: bool = True, summary: dict | None = None, workers: int | str = 1,
-                 launcher: str = "local", share: Share | None = None, job: WorkerJob | None = None) -> dict:
+                 launcher: str = "local", share: Share | None = None, job: WorkerJob | None = None,
+                 memory_budget: int = DEFAULT_BUDGET) -> dict:
     """Write any HF-named source as HF safetensors (+ config and tokenizer/generation files);
     experts packed as transformers 5 holds them are written in the hub's per-expert layout.
     ``workers``, ``launcher``, ``share``, ``job``: as for source_to_megatron (a share is a set of
@@ -139,20 +156,35 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
         config.pop("torch_dtype", None)
     fingerprints = ManifestBuilder.for_hf_config(config)
     checks = StreamChecks(fingerprints, path=source.path, allow_nonfinite=allow_nonfinite)
+    budget, streams, src_metas = Budget(memory_budget), [], source.tensors()
+    stored = getattr(source, "stored_meta", None)      # the dtype it reads, before a --dtype cast
     background_integrity_check(source)
     with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp, \
             checks_closed(checks):
         with hf_share_writer(tmp, metas, parse_size(max_shard_size), share=share) as writer:
+            streaming = getattr(writer, "takes_row_streams", False)
             with behind(writer) as out:
                 for m in progress(metas if share is None else [m for m in metas if writer.holds(m.name)],
                                   desc="to hf", enabled=show_progress):
-                    t = source.read(m.name)
+                    s = hf_stream(m, stored(m.name) if stored else src_metas[m.name], source, budget,
+                                  fingerprints, path=source.path,
+                                  allow_nonfinite=allow_nonfinite) if streaming else None
+                    if s is not None:       # rows read under the budget as the writer asks for them
+                        out.write(m.name, s)
+                        streams.append(s)
+                        continue
+                    with budget.io_lock:
+                        t = source.read(m.name)
+                    budget.note_whole(m.name, 2 * m.nbytes)
                     checks.submit(m.name, t, cast=m.dtype, fingerprint_as=m.name)
                     out.write(m.name, t.to(m.dtype))
                     del t
                     release_freed_memory()
+            for s in streams:
+                s.finish_targets()
             checks.finish()
             finish_integrity_check(source)
+            summary.update(budget.summary())
             if share is None or share.lead:
                 writer.write_config(config)
                 writer.copy_assets(source.asset_files())

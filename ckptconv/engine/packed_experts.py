@@ -74,6 +74,10 @@ class HubExperts:
             expert = self._source.read(packed)[e]
         return expert[a:b].contiguous()
 
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows of a hub-named tensor into ``out`` (not delegated: the names are this view's)."""
+        return self.read_slice(name, start, stop, out=out)
+
     def read_slice(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if name not in self._virtual:
             return self._source.read_slice(name, start, stop, out=out)

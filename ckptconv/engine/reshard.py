@@ -28,6 +28,7 @@ from .forecast_summary import time_forecast
 from .reshard_extra import carried_extra_state
 from .reshard_plan import ReshardPlan, plan_reshard
 from .reshard_workers import shares, write_share
+from .rows import DEFAULT_BUDGET, Budget
 from .workers import Share, WorkerJob, check_workers, fan_out, output_dir, plan_workers
 
 def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) -> dict:
@@ -63,7 +64,7 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
             first_stage_layers: int | None = None, last_stage_layers: int | None = None,
             ep: int | None = None, etp: int | None = None, iteration: str | int = "latest", overwrite: bool = False, dry_run: bool = False,
             workers: int | str = 1, launcher: str = "local", show_progress: bool = True,
-            share: Share | None = None) -> dict:
+            share: Share | None = None, memory_budget: int = DEFAULT_BUDGET) -> dict:
     """Rewrite a Megatron checkpoint (any reader format) in ``ckpt_format`` at TP/PP/VPP (default:
     the source's), optionally with uneven first/last pipeline stages. ``workers`` > 1 writes the
     output with that many local processes (``auto``: see engine.workers.resolve_workers). Returns a
@@ -88,10 +89,13 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
         if dry_run:
             return {**summary, **time_forecast("reshard", summary, dst, source=src, workers=workers,
                                                pieces=pieces_written([m.name for m in plan.metas], plan.layout))}
-        job = WorkerJob.of(reshard, src, ckpt_format=ckpt_format, iteration=iteration, show_progress=show_progress, **kw)
+        job = WorkerJob.of(reshard, src, ckpt_format=ckpt_format, iteration=iteration, show_progress=show_progress,
+                           memory_budget=memory_budget, **kw)
         if not fan_out(job, dst, workers, sources=[src], overwrite=overwrite, launcher=launcher, share=share):
+            budget = Budget(memory_budget)
             with output_dir(dst, sources=[src], overwrite=overwrite, share=share) as tmp:
-                write_share(reader, plan, tmp, ckpt_format, share=share, show_progress=show_progress)
+                write_share(reader, plan, tmp, ckpt_format, share=share, show_progress=show_progress, budget=budget)
+            summary.update(budget.summary())
         if share is None:
             summary["manifest"] = str(dst / MANIFEST_NAME) if (dst / MANIFEST_NAME).is_file() else None
     return summary

@@ -17,6 +17,8 @@ from ..errors import CkptError
 from ..families import family_by_name
 from ..formats.megatron_args import config_from_args
 from ..ops import OpContext, get_op
+from ..ops.rows import input_runs, row_runs
+from .rows import Target
 from ..verify.manifest import ManifestBuilder
 from .manifest_parts import write_fingerprints
 
@@ -42,6 +44,21 @@ class ShareFingerprints:
             return
         for hf, x in zip(m.hf, get_op(m.op).inverse(t, self._ctx)):
             self.builder.add(hf, x)
+
+    def targets(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list | None:
+        """The HF tensors inside logical tensor ``name`` (of ``shape``, as the source holds it) as
+        row-stream targets (``engine.rows.Target``): [] when none is fingerprinted, None when the
+        op is not row-wise (then ``add`` the whole tensor)."""
+        m = self._maps.get(name) if self.builder is not None else None
+        if m is None:
+            return []
+        op = get_op(m.op)
+        hf_shapes = op.inverse_shapes(tuple(shape), self._ctx)
+        runs = row_runs(m.op, tuple(s[0] for s in hf_shapes), self._ctx) if shape and all(hf_shapes) else None
+        if runs is None:
+            return None
+        return [Target(hf, tuple(s), tuple((0, r.at, r.n) for r in input_runs(runs, k)), check=False, cast=dtype,
+                       fingerprint=self.builder.wants(hf)) for k, (hf, s) in enumerate(zip(m.hf, hf_shapes))]
 
     def write(self, out: Path, share) -> None:
         if self.builder is not None:

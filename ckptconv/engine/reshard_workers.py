@@ -17,6 +17,8 @@ from ..formats.megatron_as_hf import HF_ASSETS_DIR
 from ..plan.shares import megatron_file_shares, tensor_shares
 from .memory import release_freed_memory
 from .overlap import background_integrity_check, behind, finish_integrity_check
+from .rows import DEFAULT_BUDGET, Budget
+from .streams import reshard_stream
 from .progress import progress
 from .reshard_extra import carried_extra_state
 from .reshard_manifest import ShareFingerprints
@@ -30,7 +32,8 @@ def shares(plan, ckpt_format: str, workers: int) -> list[set]:
     return tensor_shares(plan.metas, workers)
 
 
-def write_share(reader, plan, out: Path, ckpt_format: str, *, share=None, show_progress: bool = True) -> int:
+def write_share(reader, plan, out: Path, ckpt_format: str, *, share=None, show_progress: bool = True,
+                budget: Budget | None = None) -> int:
     """Write ``share``'s part of the plan into ``out`` (an engine.workers.Share; None: all of it);
     the lead worker also copies the HF assets. Returns the number of logical tensors read."""
     writer = megatron_share_writer(ckpt_format, out, plan.layout, plan.metas, share=share, args=plan.args,
@@ -40,15 +43,28 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, share=None, show_p
     wanted = [m for m in plan.metas if share is None or writer.holds(m.name)]
     fingerprints = ShareFingerprints(reader, plan.padded_vocab[0])
     background_integrity_check(reader)
+    budget, streams, src = budget or Budget(DEFAULT_BUDGET), [], reader.tensors()
+    streaming = getattr(writer, "takes_row_streams", False)
     with writer:
         with behind(writer) as sink:
             for m in progress(wanted, desc="reshard", enabled=show_progress):
-                t = reader.read(m.name)
+                targets = fingerprints.targets(m.name, src[m.name].shape, src[m.name].dtype)
+                s = reshard_stream(m, src[m.name], reader, budget, targets, fingerprints.builder) \
+                    if streaming and targets is not None else None
+                if s is not None:       # rows read under the budget as the writer asks for them
+                    sink.write(m.name, s)
+                    streams.append(s)
+                    continue
+                with budget.io_lock:
+                    t = reader.read(m.name)
+                budget.note_whole(m.name, 2 * m.nbytes)
                 sink.write(m.name, _repad(t, m.shape[0]) if m.name in VOCAB_ROWS else t)
                 fingerprints.add(m.name, t)
                 del t
                 release_freed_memory()
         finish_integrity_check(reader)
+    for s in streams:
+        s.finish_targets()
     fingerprints.write(out, share)
     assets = reader.root / HF_ASSETS_DIR
     if (share is None or share.lead) and assets.is_dir():

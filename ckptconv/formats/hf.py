@@ -189,6 +189,10 @@ class HFReader(ClosesOnExit):
                 return e.lazy.load_slice(0, dim0_start, dim0_stop, out=out)
         return self._read_rows(e, dim0_start, dim0_stop, out)
 
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` read into ``out`` (the row-reading interface of HF-named sources)."""
+        return self.read_slice(name, start, stop, out=out)
+
     def view_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
         """Rows ``start:stop`` of a safetensors tensor as a zero-copy view of the file
         (``formats.mapped``); None for other files or when it cannot be mapped."""

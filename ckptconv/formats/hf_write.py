@@ -14,7 +14,7 @@ import torch
 
 from ckptconv.errors import LayoutError, MissingTensors
 from ckptconv.formats.closing import CommitsOnExit
-from ckptconv.formats.safetensors_io import _DTYPE_TO_ST, create_shard, write_at
+from ckptconv.formats.safetensors_io import _DTYPE_TO_ST, create_shard, write_at, write_blocks
 from ckptconv.plan.output_shards import plan_shards, shard_file_names
 from ckptconv.types import TensorMeta
 
@@ -22,10 +22,14 @@ from ckptconv.types import TensorMeta
 class HFWriter(CommitsOnExit):
     """Stream tensors into ``out_dir`` as safetensors shards (+ index when >1 shard).
 
+    ``write`` takes a tensor or a row stream (``streams_rows``: ``shape``, ``dtype``, ``blocks()``
+    giving the rows in order as contiguous tensors), written block by block.
+
     ``out_dir`` must exist (a private temp dir; the caller renames it into place).
     Context manager: an exception inside the ``with`` block aborts (deletes what we wrote)."""
 
     INDEX_NAME = "model.safetensors.index.json"
+    takes_row_streams = True
 
     def __init__(self, out_dir: Path, metas: list[TensorMeta], max_shard_size: int = 5 * 10**9, *,
                  files: set[str] | None = None, index: bool = True):
@@ -81,9 +85,12 @@ class HFWriter(CommitsOnExit):
             raise LayoutError(f"got {list(tensor.shape)} {tensor.dtype}, the plan says "
                               f"{list(m.shape)} {m.dtype}", path=path, tensor=name,
                               fix="cast/reshape before writing or fix the conversion plan")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel():
-            write_at(path, offset, data)
+        if getattr(tensor, "streams_rows", False):       # row blocks in order (engine.rows.RowStream)
+            write_blocks(path, offset, tensor.blocks())
+        else:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            if data.numel():
+                write_at(path, offset, data)
         self._written.add(name)
 
     def holds(self, name: str) -> bool:

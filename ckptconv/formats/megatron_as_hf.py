@@ -14,6 +14,7 @@ from ..families import family_by_name
 from .closing import ClosesOnExit
 from .megatron_args import config_from_args
 from ..ops import get_op
+from ..ops.rows import input_runs, overlapping, row_runs
 from ..plan.planner import Plan, PlanItem, plan_megatron_to_hf
 from ..types import TensorMeta
 
@@ -33,6 +34,9 @@ class MegatronAsHF(ClosesOnExit):
         self.plan: Plan = plan_megatron_to_hf(self.family, self.cfg, reader.tensors(), reader.layout, padded, dtype)
         self._items: dict[str, PlanItem] = {m.name: it for it in self.plan.items for m in it.hf}
         self._group: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._row_runs: dict[str, tuple] = {}
+        self._mg_metas = reader.tensors()
+        self.rows_readable = hasattr(reader, "read_slice")     # read_rows reads rows, not whole tensors
 
     def config(self) -> dict:
         return dict(self._config)
@@ -50,6 +54,36 @@ class MegatronAsHF(ClosesOnExit):
         if not self._group[1]:
             self._group = None
         return tensor
+
+    def stored_meta(self, name: str) -> TensorMeta:
+        """HF tensor ``name`` as ``read_rows`` reads it: its shape, the Megatron tensor's stored dtype
+        (``tensors()`` says the dtype of the output, after a --dtype cast)."""
+        item = self._items[name]
+        meta = next(m for m in item.hf if m.name == name)
+        return TensorMeta(name, meta.shape, self._mg_metas[item.megatron.name].dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` of HF tensor ``name`` read into ``out`` straight from the rows of the
+        Megatron tensor that holds them (the op's row map, ``ops.rows``): no fused tensor is read
+        whole; an op that is not row-wise reads it whole."""
+        item = self._items[name]
+        runs = self._row_runs.get(name)
+        if runs is None:
+            k = [m.name for m in item.hf].index(name)
+            fwd = row_runs(item.op, tuple(m.shape[0] for m in item.hf), self.plan.ctx) \
+                if all(m.shape for m in item.hf) else None
+            runs = self._row_runs[name] = () if fwd is None else input_runs(fwd, k)
+        if not runs:
+            return out.copy_(self.read(name)[start:stop])
+        stored = self._mg_metas[item.megatron.name].dtype
+        for run, lo, hi in overlapping(runs, start, stop):
+            first = run.at + lo - run.out
+            dst = out[lo - start:hi - start]
+            if dst.dtype == stored:
+                self.reader.read_slice(item.megatron.name, 0, first, first + hi - lo, out=dst)
+            else:               # a --dtype cast: the stored rows, then cast
+                dst.copy_(self.reader.read_slice(item.megatron.name, 0, first, first + hi - lo))
+        return out
 
     def check_integrity_in_background(self) -> None:
         """The reader's integrity check on a thread, when its format has one (torch_dist)."""

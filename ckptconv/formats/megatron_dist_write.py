@@ -161,6 +161,7 @@ class StreamingDcpSave(CommitsOnExit):
     (``_commit``)."""
 
     writes_in_background = True      # write() hands over to the save thread: no write-behind needed
+    takes_row_streams = True         # write() takes a row stream too (engine.rows.RowStream)
 
     def _init_save(self, items: list[WriteItem], resolve, out_dir: Path) -> None:
         self._written: set[str] = set()
@@ -195,7 +196,12 @@ class StreamingDcpSave(CommitsOnExit):
             raise LayoutError("tensor written twice", tensor=name)
         self._written.add(name)
         self._start()
-        self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
+        if getattr(tensor, "streams_rows", False):    # row blocks, written as they are read (dcp_records)
+            if tensor.dtype != meta.dtype:
+                raise LayoutError(f"row stream is {tensor.dtype}, planned {meta.dtype}", tensor=name)
+            self._handoff.put(name, tensor)
+        else:
+            self._handoff.put(name, tensor.detach().to(meta.dtype).contiguous())
 
     def close(self) -> None:
         self._start()
@@ -284,6 +290,8 @@ class MegatronDistWriter(StreamingDcpSave):
             return io.BytesIO(self._byte_payloads.get(item.index.fqn, self._payload))
         name = self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
         t = self._handoff.take(name)
+        if not isinstance(t, torch.Tensor):
+            return t          # a row stream: its bytes are the record's (shape from the item's chunk)
         return t.view(*[1] * self._stacked[name], *t.shape) if name in self._stacked else t
 
     def _commit(self) -> None:

@@ -19,7 +19,11 @@ from .torch_save_stream import StreamingTorchSave, TensorSlot
 
 class MegatronTorchWriter(CommitsOnExit):
     """Streams logical tensors into per-rank files: each file's pickle is written up front from
-    the plan; `write(name, full)` slices the tensor for every rank that holds part of it."""
+    the plan; `write(name, full)` slices the tensor for every rank that holds part of it. ``full``
+    may be a row stream (``streams_rows``; engine.rows.RowStream): each rank's piece is then
+    written block by block (rows of a dim-0 split, columns of a dim-1 split of every row block)."""
+
+    takes_row_streams = True
 
     def __init__(self, out_root: Path, layout: MegatronLayout, metas: list[TensorMeta], *, args: Any,
                  iteration: int | str, impl: str, tie_copy: bool, gated_mlp: bool = True,
@@ -83,8 +87,15 @@ class MegatronTorchWriter(CommitsOnExit):
         if tuple(tensor.shape) != meta.shape:
             raise LayoutError(f"shape {tuple(tensor.shape)} != planned {meta.shape}", tensor=name)
         kind = tp_kind(name, self.gated_mlp)
+        streamed = getattr(tensor, "streams_rows", False)
         for key, slot, _ in self._routes.get(name, ()):
             ranges = self.layout.pieces(name, kind, meta.shape, key[0])
+            if streamed and (all(d == 0 for d, _, _ in ranges) or len(ranges) == 1):
+                self._files[key].write_blocks(slot, _rank_blocks(tensor, ranges))
+                continue
+            if streamed:
+                tensor = tensor.tensor()          # a split this writer cannot stream: whole tensor
+                streamed = False
             parts = [tensor.narrow(d, a, b - a) for d, a, b in ranges]
             local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ranges[0][0])
             self._files[key].write(slot, local.to(meta.dtype).contiguous())
@@ -97,6 +108,12 @@ class MegatronTorchWriter(CommitsOnExit):
     def abort(self) -> None:
         for f in self._files.values():
             f.abort()
+
+
+def _rank_blocks(stream, ranges):
+    """The blocks of one rank's piece of a row stream, in the piece's byte order."""
+    for d, a, b in ranges:
+        yield from (stream.blocks(a, b) if d == 0 else stream.blocks(0, stream.shape[0], cols=(a, b)))
 
 
 _ORDER = ["embedding.", "decoder.layers.", "decoder.final_layernorm", "output_layer"]

@@ -135,3 +135,12 @@ def write_at(path: Path, offset: int, data: torch.Tensor) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(memoryview(data.numpy()).cast("B"))
+
+
+def write_blocks(path: Path, offset: int, blocks) -> None:
+    """Write contiguous CPU tensors one after the other from ``offset`` of ``path``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        for block in blocks:
+            if block.numel():
+                f.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()).cast("B"))

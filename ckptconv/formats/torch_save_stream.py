@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import copyreg
 import io
+import math
 import os
 import pickle
 import sys
@@ -198,11 +199,10 @@ class StreamingTorchSave(CommitsOnExit):
                               fix="convert/reshape the tensor to the planned layout")
         t = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         nbytes = t.numel() * t.element_size()
-        try:   # from the tensor's own bytes (a contiguous view too: no copy)
-            if nbytes:
-                self._writer.write_record(f"data/{key}", t.data_ptr(), nbytes)
-            else:
-                self._writer.write_record(f"data/{key}", b"", 0)
+        if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
+            return self.write_blocks(name, [t])      # a view: its own bytes, no copy
+        try:
+            self._writer.write_record(f"data/{key}", t.untyped_storage(), nbytes)
         except RuntimeError as e:   # torch's C++ writer reports I/O errors this way
             self.abort()
             raise _write_failed(self.path, name, e) from e
@@ -210,6 +210,38 @@ class StreamingTorchSave(CommitsOnExit):
             err = self._stream.error
             self.abort()
             raise _write_failed(self.path, name, err)
+        self._written.append(name)
+
+    def write_blocks(self, name: str, blocks) -> None:
+        """Write slot ``name`` from contiguous CPU tensors whose bytes, in order, are the slot's
+        (``blocks``: an iterable of them); the whole tensor is never needed at once."""
+        if self._writer is None:
+            raise LayoutError("write after close/abort", path=self.path, tensor=name)
+        if name not in self._slots or name in self._written:
+            raise LayoutError("no TensorSlot of that name, or written twice", path=self.path, tensor=name)
+        key, slot = self._slots[name]
+        nbytes = slot.dtype.itemsize * math.prod(slot.shape)
+
+        def fill(f) -> None:
+            for block in blocks:
+                if block.dtype != slot.dtype:
+                    raise LayoutError(f"block is {block.dtype}, slot expects {slot.dtype}", path=self.path, tensor=name)
+                if block.numel():
+                    f.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+
+        self._stream.expect(fill, nbytes)
+        try:
+            self._writer.write_record_metadata(f"data/{key}", nbytes)
+        except RuntimeError as e:
+            self.abort()
+            raise _write_failed(self.path, name, e) from e
+        failure = self._stream.take_fill_error()
+        io_error = self._stream.error
+        if failure is not None or io_error is not None:
+            self.abort()
+            if failure is not None and not isinstance(failure, OSError):
+                raise failure          # e.g. the source's typed error while reading the rows
+            raise _write_failed(self.path, name, failure or io_error)
         self._written.append(name)
 
     def close(self) -> None:
@@ -272,6 +304,9 @@ class _GuardedFile:
         self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.error: OSError | None = None
         self.discard = False
+        self._fill = None
+        self._expect = 0
+        self._fill_error: BaseException | None = None
 
     def write(self, data) -> int:
         n = memoryview(data).nbytes
@@ -281,6 +316,32 @@ class _GuardedFile:
             except OSError as e:
                 self.error = e
         return n
+
+    def expect(self, fill, nbytes: int) -> None:
+        """The next relative seek of torch's writer skips a record's ``nbytes``: ``fill(self)``
+        writes them then (``write_record_metadata``)."""
+        self._fill, self._expect = fill, nbytes
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        fill, self._fill = self._fill, None
+        if whence != 1 or fill is None or offset != self._expect:
+            self._fill_error = OSError(f"unexpected seek({offset}, {whence}) by torch's writer")
+            self.discard = True
+            return 0
+        start = self._f.tell() if self.error is None and not self.discard else None
+        try:
+            fill(self)
+        except BaseException as e:  # noqa: BLE001 - never into torch's C++ writer; raised by the caller
+            self._fill_error = e
+            self.discard = True
+        if start is not None and not self.discard and self.error is None and self._f.tell() - start != offset:
+            self._fill_error = OSError(f"{self._f.tell() - start} bytes written for a record of {offset}")
+            self.discard = True
+        return 0
+
+    def take_fill_error(self) -> BaseException | None:
+        e, self._fill_error = self._fill_error, None
+        return e
 
     def flush(self) -> None:
         if not self.discard and self.error is None:

@@ -1,0 +1,383 @@
+"""Stream a tensor by row blocks under a byte budget the engine enforces.
+
+``RowStream`` is one output tensor described, not held: its shape and dtype, and the runs of
+source rows it is made of (``ops.rows.Run``: output rows ``[out, out+n)`` are rows ``[at, at+n)``
+of input ``src``, or zeros). A writer asks for ``blocks(start, stop[, cols])`` and gets the rows in
+order as contiguous tensors of at most ``Budget.block_bytes``; each block is read straight from
+the source files into a buffer of the engine's pool (``Budget``), one block ahead on a reading
+thread, so reading overlaps writing and memory does not depend on the largest tensor.
+
+The checks ride on the reads: each ``Target`` (an HF-logical tensor to fingerprint and/or check
+for NaN/Inf, located as segments of the inputs' rows) is fed every piece of input rows the
+moment it is read, if it is the target's next piece: aminmax and SHA-256 on bytes that are hot in
+cache. A target a writer did not read in order (or at all) is completed by ``finish_targets``,
+which reads its missing rows again. ``Budget.peak`` is the most buffer bytes the engine ever held;
+a whole-tensor read (``tensor()``, for writers or sources that cannot stream) is counted there and
+listed in ``Budget.over`` when it is larger than the budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..ops.rows import Run, overlapping
+from ..types import TensorMeta
+from .checks import _judge
+
+DEFAULT_BUDGET = 256 << 20
+_SLOTS = 8                 # the budget is cut into this many block buffers
+
+
+class Budget:
+    """A pool of equal block buffers whose total never exceeds ``limit`` bytes (``take`` waits for a
+    ``give`` when it would); ``peak``: the most bytes held at once; ``over``: whole tensors larger
+    than the limit that had to be held anyway (their name and bytes)."""
+
+    def __init__(self, limit: int = DEFAULT_BUDGET):
+        self.limit = int(limit)
+        self.block_bytes = max(4096, self.limit // _SLOTS)
+        self._cv = threading.Condition()
+        self._free: list[torch.Tensor] = []
+        self._out: dict[int, torch.Tensor] = {}     # storage address -> pool buffer (free or handed out)
+        self.held = 0                      # bytes allocated by the pool (free + handed out)
+        self.peak = 0
+        self.over: list[tuple[str, int]] = []
+        # one read at a time: the streams' reading threads and the engine's own whole-tensor reads
+        # share the source readers, which are not thread-safe
+        self.io_lock = threading.RLock()
+
+    def take(self, nbytes: int, what: str = "") -> torch.Tensor:
+        """A uint8 buffer of ``nbytes``: a pooled block when it fits one, else its own allocation
+        (counted; beyond the limit it is listed in ``over``). Hand it back with ``give``."""
+        with self._cv:
+            if nbytes <= self.block_bytes:
+                while not self._free and self.held + self.block_bytes > self.limit:
+                    self._cv.wait()
+                if self._free:
+                    root = self._free.pop()
+                    self._out[root.untyped_storage().data_ptr()] = root
+                else:
+                    root = self._new(self.block_bytes)
+                return root[:nbytes]
+            while self.held + nbytes > self.limit and self.held > len(self._free) * self.block_bytes:
+                self._cv.wait()                      # wait for the handed-out blocks to come back
+            self._drop_free()
+            if nbytes > self.limit:
+                self.over.append((what, nbytes))
+            return self._new(nbytes)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Return a buffer from ``take`` (or any view of it) to the pool."""
+        with self._cv:
+            root = self._out.pop(buf.untyped_storage().data_ptr())
+            if root.numel() == self.block_bytes:
+                self._free.append(root)
+            else:
+                self.held -= root.numel()
+            self._cv.notify_all()
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        root = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.held += root.numel()
+        self.peak = max(self.peak, self.held)
+        self._out[root.untyped_storage().data_ptr()] = root
+        return root
+
+    def summary(self) -> dict:
+        """What a conversion's summary says about its memory: the budget, the most row-buffer bytes
+        held at once, and the tensors that had to be held whole beyond the budget."""
+        return {"memory_budget_bytes": self.limit, "buffered_peak_bytes": self.peak,
+                "whole_tensors_over_budget": [f"{n} ({b} bytes)" for n, b in self.over]}
+
+    def note_whole(self, what: str, nbytes: int) -> None:
+        """A whole tensor is held outside the pool (a writer or source that cannot stream)."""
+        with self._cv:
+            self.peak = max(self.peak, self.held + nbytes)
+            if nbytes > self.limit:
+                self.over.append((what, nbytes))
+
+    def _drop_free(self) -> None:
+        self.held -= len(self._free) * self.block_bytes
+        self._free.clear()
+
+
+@dataclass
+class Source:
+    """One input of a stream: its meta and ``read(start, stop, out)`` filling ``out`` (contiguous,
+    ``[stop - start, *rest]``, the input's dtype) with rows ``[start, stop)``; ``read`` None: only a
+    whole-tensor ``load()`` is possible."""
+    meta: TensorMeta
+    read: Callable[[int, int, torch.Tensor], object] | None
+    load: Callable[[], torch.Tensor]
+
+
+@dataclass
+class Target:
+    """An HF-logical tensor checked and/or fingerprinted from the stream's reads: ``segments`` are
+    (input index, first row, rows) in the tensor's own row order."""
+    name: str
+    shape: tuple[int, ...]
+    segments: tuple[tuple[int, int, int], ...]
+    check: bool
+    cast: torch.dtype | None
+    fingerprint: bool
+    _seg: int = 0
+    _off: int = 0
+    _h: object = field(default_factory=hashlib.sha256)
+    _lo: torch.Tensor | None = None
+    _hi: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._seg >= len(self.segments)
+
+    def feed(self, k: int, at: int, rows: torch.Tensor) -> bool:
+        """Input ``k``'s rows ``[at, at + len(rows))`` were just read: take what is next for us.
+        True when this completed the target."""
+        n = rows.shape[0] if rows.dim() else 1
+        if self.done:
+            return False
+        while not self.done:
+            src, first, count = self.segments[self._seg]
+            want = first + self._off
+            if src != k or not at <= want < at + n:
+                return
+            take = min(first + count, at + n) - want
+            self._take(rows[want - at:want - at + take] if rows.dim() else rows)
+            self._off += take
+            if self._off == count:
+                self._seg, self._off = self._seg + 1, 0
+        return self.done
+
+    def _take(self, piece: torch.Tensor) -> None:
+        if self.check and piece.numel():
+            a, b = torch.aminmax(piece)
+            self._lo, self._hi = (a, b) if self._lo is None else (torch.minimum(self._lo, a), torch.maximum(self._hi, b))
+        if self.fingerprint and piece.numel():
+            out = piece if self.cast in (None, piece.dtype) else piece.to(self.cast)
+            self._h.update(memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def judge(self, load: Callable[[], torch.Tensor], path: object) -> None:
+        """Raise for NaN/Inf or an overflowing cast (``load`` gives the tensor for the message)."""
+        if self.check and self._lo is not None and not (bool(torch.isfinite(self._lo)) and bool(torch.isfinite(self._hi))
+                                                        and self._cast_ok()):
+            _judge(self.name, load(), self._lo, self._hi, path, self.cast)
+
+    def _cast_ok(self) -> bool:
+        if self.cast is None or self.cast == self._lo.dtype or not self.cast.is_floating_point:
+            return True
+        return bool(torch.isfinite(torch.stack([self._lo, self._hi]).to(self.cast)).all())
+
+    def digest(self) -> str:
+        return self._h.hexdigest()
+
+
+class RowStream:
+    """One output tensor as row blocks (module doc). ``inputs``: the sources its runs read."""
+
+    streams_rows = True
+
+    def __init__(self, meta: TensorMeta, inputs: list[Source], runs: tuple[Run, ...], budget: Budget,
+                 targets: list[Target] = (), on_target: Callable[[Target], None] | None = None,
+                 path: object = None):
+        self.meta, self.inputs, self.runs, self.budget, self.path = meta, inputs, runs, budget, path
+        self.targets, self.on_target = list(targets), on_target
+        self.shape, self.dtype = tuple(meta.shape), meta.dtype
+        self.nbytes = meta.nbytes
+        self._rest = self.shape[1:]
+        self._row_bytes = meta.dtype.itemsize * math.prod(self._rest)
+        self._src_dtype = inputs[0].meta.dtype if inputs else meta.dtype
+        self._whole: dict[int, torch.Tensor] = {}
+
+    # -- what writers call -------------------------------------------------------------------
+    def blocks(self, start: int = 0, stop: int | None = None,
+               cols: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+        """Rows ``[start, stop)`` in order, as contiguous blocks (narrowed to columns ``cols`` of
+        dim 1 when given); a block is valid until the next one is asked for."""
+        stop = self.shape[0] if stop is None else stop
+        if not self.shape:
+            yield self.tensor()
+            return
+        src_row = self._src_dtype.itemsize * math.prod(self._rest)
+        per = max(1, self.budget.block_bytes // max(self._row_bytes, src_row, 1))
+        spans = [(a, min(a + per, stop)) for a in range(start, stop, per)]
+        try:
+            yield from _prefetched(spans, lambda span: self._block(*span, cols), self.budget)
+        finally:
+            self._whole.clear()            # whole inputs of sources that cannot slice: not kept
+
+    def tensor(self) -> torch.Tensor:
+        """The whole tensor, for writers that cannot take blocks (noted by the budget)."""
+        self.budget.note_whole(self.meta.name, self.nbytes)
+        if not self.shape:
+            with self.budget.io_lock:
+                t = self.inputs[0].load().reshape(())
+            self._feed(0, 0, t)
+            return t.to(self.dtype)
+        out = torch.empty(self.shape, dtype=self._src_dtype)
+        for run in self.runs:
+            dst = out[run.out:run.out + run.n]
+            if run.src < 0:
+                dst.zero_()
+            else:
+                self._read_into(run.src, run.at, run.at + run.n, dst)
+                self._feed(run.src, run.at, dst)
+        self._whole.clear()
+        return out.to(self.dtype)
+
+    # -- the engine's side ---------------------------------------------------------------------
+    def finish_targets(self) -> None:
+        """Complete the targets the writers did not read in order (reading their missing rows
+        again), then judge and report them; call once no writer reads this stream any more."""
+        for t in self.targets:
+            if t.done:
+                continue
+            while not t.done:
+                k, a, n = t.segments[t._seg]
+                lo = a + t._off
+                e = min(a + n, lo + max(1, self.budget.block_bytes // max(self._in_row_bytes(k), 1)))
+                buf = self._read_input(k, lo, e)
+                try:
+                    t.feed(k, lo, buf)
+                finally:
+                    self.budget.give(buf)
+            self._complete(t)
+        self._whole.clear()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _block(self, a: int, b: int, cols) -> torch.Tensor:
+        rows = self._fill(a, b, self._src_dtype)
+        if self._src_dtype != self.dtype:
+            cast = self.budget.take((b - a) * self._row_bytes).view(self.dtype).view(b - a, *self._rest)
+            cast.copy_(rows)
+            self.budget.give(rows)
+            rows = cast
+        if cols is not None:
+            part = rows.narrow(1, cols[0], cols[1] - cols[0])
+            out = self.budget.take(part.numel() * part.element_size()).view(self.dtype).view(part.shape)
+            out.copy_(part)
+            self.budget.give(rows)
+            rows = out
+        return rows
+
+    def _fill(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output rows ``[a, b)`` (before any cast) in a pool buffer, read run by run straight into it."""
+        buf = self.budget.take((b - a) * dtype.itemsize * math.prod(self._rest))
+        rows = buf.view(dtype).view(b - a, *self._rest)
+        for run, lo, hi in overlapping(self.runs, a, b):
+            dst = rows[lo - a:hi - a]
+            if run.src < 0:
+                dst.zero_()
+                continue
+            first = run.at + lo - run.out
+            self._read_into(run.src, first, first + hi - lo, dst)
+            self._feed(run.src, first, dst)
+        return rows
+
+    def _feed(self, k: int, at: int, rows: torch.Tensor) -> None:
+        for t in self.targets:
+            if not t.done and t.feed(k, at, rows):
+                self._complete(t)
+
+    def _complete(self, t: Target) -> None:
+        t.judge(lambda: self._target_tensor(t), self.path)
+        if self.on_target is not None:
+            self.on_target(t)
+
+    def _read_into(self, k: int, a: int, b: int, dst: torch.Tensor) -> None:
+        s = self.inputs[k]
+        if s.read is not None and s.meta.dtype == dst.dtype:
+            with self.budget.io_lock:
+                s.read(a, b, dst)
+        else:
+            dst.copy_(self._load(k)[a:b])
+
+    def _read_input(self, k: int, a: int, b: int) -> torch.Tensor:
+        meta = self.inputs[k].meta
+        buf = self.budget.take((b - a) * self._in_row_bytes(k))
+        rows = buf.view(meta.dtype).view(b - a, *meta.shape[1:])
+        self._read_into(k, a, b, rows)
+        return rows
+
+    def _in_row_bytes(self, k: int) -> int:
+        meta = self.inputs[k].meta
+        return meta.dtype.itemsize * math.prod(meta.shape[1:])
+
+    def _load(self, k: int) -> torch.Tensor:
+        """The whole input ``k``, kept until ``finish_targets`` (a source that cannot slice)."""
+        if k not in self._whole:
+            meta = self.inputs[k].meta
+            self.budget.note_whole(meta.name, meta.nbytes)
+            with self.budget.io_lock:
+                self._whole[k] = self.inputs[k].load()
+        return self._whole[k]
+
+    def _target_tensor(self, t: Target) -> torch.Tensor:
+        parts = []
+        for k, a, n in t.segments:
+            meta = self.inputs[k].meta
+            out = torch.empty((n, *meta.shape[1:]), dtype=meta.dtype)
+            self._read_into(k, a, a + n, out)
+            parts.append(out)
+        return torch.cat(parts) if parts else torch.empty(0)
+
+
+def _prefetched(spans: list, make: Callable, budget: Budget) -> Iterator[torch.Tensor]:
+    """``make(span)`` for each span on a reading thread, one block ahead of the consumer; each
+    block goes back to the pool when the consumer asks for the next one (or stops)."""
+    if len(spans) <= 1:
+        for span in spans:
+            block = make(span)
+            try:
+                yield block
+            finally:
+                budget.give(block)
+        return
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for span in spans:
+                if stop.is_set():
+                    return
+                block = make(span)
+                while not stop.is_set():
+                    try:
+                        q.put((block, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    budget.give(block)
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer
+            q.put((None, e))
+
+    th = threading.Thread(target=produce, name="ckptconv-read", daemon=True)
+    th.start()
+    try:
+        for _ in spans:
+            block, err = q.get()
+            if err is not None:
+                raise err
+            try:
+                yield block
+            finally:
+                budget.give(block)
+    finally:
+        stop.set()
+        while th.is_alive() or not q.empty():
+            try:
+                block, _ = q.get(timeout=0.05)
+                if block is not None:
+                    budget.give(block)
+            except queue.Empty:
+                continue
+        th.join()
