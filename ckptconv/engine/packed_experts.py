@@ -74,6 +74,11 @@ class HubExperts:
             expert = self._source.read(packed)[e]
         return expert[a:b].contiguous()
 
+    @property
+    def rows_readable(self) -> bool:
+        """Whether ``read_rows`` reads rows (the source slices) rather than whole tensors."""
+        return hasattr(self._source, "read_slice")
+
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows of a hub-named tensor into ``out`` (not delegated: the names are this view's)."""
         return self.read_slice(name, start, stop, out=out)
