@@ -1,8 +1,8 @@
 """Which fields of Megatron-LM's ``args`` the Megatron readers act on, as data.
 
-Every field of Megatron-LM's argument parser (the list is generated from
-``megatron/training/arguments.py`` by ``fixtures/megatron_args/generate.py``; a test walks it) is
-in exactly one table:
+Every field of Megatron-LM's argument parser (the lists, for ``core_v0.16.1`` and ``core_v0.19.0``,
+are generated from ``megatron/training/arguments.py`` by ``fixtures/megatron_args/generate.py``;
+a test walks both) is in exactly one table:
 
 * ``MAPPED``: read by ``formats.megatron_args`` into the model config (or the parallel layout);
   the reader either represents the value or refuses it itself.
@@ -46,71 +46,51 @@ MAPPED = _names("""
 
 # field -> the values the readers' assumptions hold for (Megatron-LM's default unless noted)
 REFUSED_UNLESS: dict[str, tuple] = {
-    'account_for_embedding_in_pipeline_split': (False,),
-    'account_for_loss_in_pipeline_split': (False,),
-    'activation_func_clamp_value': (None,),
-    'apply_query_key_layer_scaling': (False,),
-    'apply_residual_connection_post_layernorm': (False,),
-    'attention_output_gate': (False,),
-    'decoder_num_layers': (None,),
-    'dsa_indexer_head_dim': (None,),
-    'dsa_indexer_n_heads': (None,),
-    'dsa_indexer_topk': (None,),
-    'encoder_num_layers': (None,),
-    'experimental_attention_variant': (None,),
-    'glu_linear_offset': (0.0,),
-    'heterogeneous_layers_config_encoded_json': (None,),
-    'heterogeneous_layers_config_path': (None,),
-    'hybrid_attention_ratio': (0.0,),
-    'hybrid_mlp_ratio': (0.0,),
-    'hybrid_override_pattern': (None,),
-    'is_hybrid_model': (False,),
-    'kv_lora_rank': (32,),
-    'linear_attention_freq': (None,),
-    'linear_conv_kernel_dim': (4,),
-    'linear_key_head_dim': (128,),
-    'linear_num_key_heads': (16,),
-    'linear_num_value_heads': (32,),
-    'linear_value_head_dim': (128,),
-    'mamba_head_dim': (64,),
-    'mamba_num_groups': (8,),
-    'mamba_num_heads': (None,),
-    'mamba_state_dim': (128,),
-    'moe_apply_probs_on_input': (False,),
-    'moe_expert_capacity_factor': (None,),
-    'moe_input_jitter_eps': (None,),
-    'moe_latent_size': (None,),
-    'moe_pad_expert_input_to_capacity': (False,),
-    'moe_router_dtype': (None,),
-    'moe_router_enable_expert_bias': (False,),
-    'moe_router_group_topk': (None,),
-    'moe_router_num_groups': (None,),
-    'moe_router_score_function': ('softmax',),
-    'moe_router_topk_scaling_factor': (None,),
-    'moe_token_drop_policy': ('probs',),
-    'mrope_section': (None,),
-    'mscale': (1.0,),
-    'mscale_all_dim': (0.0,),
-    'mtp_num_layers': (None,),
-    'multi_latent_attention': (False,),
-    'no_rope_freq': (None,),
-    'num_experts_per_tok': (None,),
-    'pipeline_model_parallel_layout': (None,),
-    'q_lora_rank': (None,),
-    'qk_head_dim': (128,),
-    'qk_l2_norm': (False,),
-    'qk_pos_emb_head_dim': (64,),
-    'quick_geglu': (False,),
-    'rope_type': (None, 'rope'),
-    'rotary_interleaved': (False,),
-    'rotary_scaling_factor': (1.0,),
-    'rotary_seq_len_interpolation_factor': (None,),
-    'softmax_type': ('vanilla',),
-    'spec': (None,),
-    'squared_relu': (False,),
-    'use_fused_weighted_squared_relu': (False,),
-    'use_legacy_models': (False,),
+    'account_for_embedding_in_pipeline_split': (False,), 'account_for_loss_in_pipeline_split': (False,),
+    'activation_func_clamp_value': (None,), 'apply_query_key_layer_scaling': (False,),
+    'apply_residual_connection_post_layernorm': (False,), 'attention_output_gate': (False,),
+    'decoder_num_layers': (None,), 'dsa_indexer_head_dim': (None,), 'dsa_indexer_n_heads': (None,),
+    'dsa_indexer_topk': (None,), 'encoder_num_layers': (None,), 'experimental_attention_variant': (None,),
+    'glu_linear_offset': (0.0,), 'heterogeneous_layers_config_encoded_json': (None,),
+    'heterogeneous_layers_config_path': (None,), 'hybrid_attention_ratio': (0.0,),
+    'hybrid_mlp_ratio': (0.0,), 'hybrid_override_pattern': (None,), 'is_hybrid_model': (False,),
+    'kv_lora_rank': (32,), 'linear_attention_freq': (None,), 'linear_conv_kernel_dim': (4,),
+    'linear_key_head_dim': (128,), 'linear_num_key_heads': (16,), 'linear_num_value_heads': (32,),
+    'linear_value_head_dim': (128,), 'mamba_head_dim': (64,), 'mamba_num_groups': (8,),
+    'mamba_num_heads': (None,), 'mamba_state_dim': (128,), 'moe_apply_probs_on_input': (False,),
+    'moe_expert_capacity_factor': (None,), 'moe_input_jitter_eps': (None,), 'moe_latent_size': (None,),
+    'moe_pad_expert_input_to_capacity': (False,), 'moe_router_dtype': (None,),
+    'moe_router_enable_expert_bias': (False,), 'moe_router_group_topk': (None,),
+    'moe_router_num_groups': (None,), 'moe_router_score_function': ('softmax',),
+    'moe_router_topk_scaling_factor': (None,), 'moe_token_drop_policy': ('probs',),
+    'mrope_section': (None,), 'mscale': (1.0,), 'mscale_all_dim': (0.0,), 'mtp_num_layers': (None,),
+    'multi_latent_attention': (False,), 'no_rope_freq': (None,), 'num_experts_per_tok': (None,),
+    'pipeline_model_parallel_layout': (None,), 'q_lora_rank': (None,), 'qk_head_dim': (128,),
+    'qk_l2_norm': (False,), 'qk_pos_emb_head_dim': (64,), 'quick_geglu': (False,),
+    'rope_type': (None, 'rope'), 'rotary_interleaved': (False,), 'rotary_scaling_factor': (1.0,),
+    'rotary_seq_len_interpolation_factor': (None,), 'softmax_type': ('vanilla',), 'spec': (None,),
+    'squared_relu': (False,), 'use_fused_weighted_squared_relu': (False,), 'use_legacy_models': (False,),
     'v_head_dim': (128,),
+    # added by Megatron-LM core_v0.19 (0.16.1 has none of these)
+    'dsa_indexer_k_norm_epsilon': (None,), 'dsa_indexer_k_norm_fp32': (False,),
+    'dsa_indexer_rope_interleaved': (False,), 'dsa_indexer_rotate_activation': (True,),
+    'dsa_indexer_scoring_relu': (True,), 'dsa_indexer_skip_topk_offset': (0,), 'dsa_indexer_topk_freq': (1,),
+    'expert_gtp_weight_remat_size': (1,), 'gtp_weight_remat_size': (1,),   # weights sharded past TP
+    'hybrid_layer_pattern': (None,), 'mla_down_proj_fusion': (False,),
+    'moe_expert_rank_capacity_factor': (None,), 'moe_mlp_glu_interleave_size': (None,),
+    'moe_router_force_biased': (None,), 'moe_shared_expert_glu_interleave_size': (None,),
+    'moe_single_grouped_bias': (False,), 'moe_single_grouped_weight': (False,),
+    'mtp_hybrid_override_pattern': (None,), 'mtp_use_repeated_layer': (False,),
+    'mup_attn_scale_power': (1.0,), 'mup_base_head_dim': (None,), 'mup_base_hidden_size': (None,),
+    'mup_embedding_mult': (1.0,), 'mup_output_mult': (1.0,), 'mup_width_mult': (1.0,), 'use_mup': (False,),
+    'use_grouped_gemm_for_dense_mlp': (False,), 'use_grouped_gemm_for_shared_expert': (False,),
+    'use_transformer_engine_op_fuser': (False,),   # module / weight layouts the readers do not know
+    'yarn_beta_fast': (None,), 'yarn_beta_slow': (None,), 'yarn_correction_range_round_to_int': (None,),
+    'yarn_original_max_position_embeddings': (None,),
+    # a routing rule, not only a loss (was NEUTRAL): at inference sinkhorn weights experts by
+    # sigmoid (top-1) / unnormalised softmax, quantile_balancing selects on logits - qb_beta
+    'moe_router_load_balancing_type': ('aux_loss', 'seq_aux_loss', 'global_aux_loss', 'none', ['aux_loss'],
+                                       ['seq_aux_loss'], ['global_aux_loss'], ['none']),
 }
 
 NEUTRAL = _names("""
@@ -201,7 +181,7 @@ NEUTRAL = _names("""
     # mla
     cache_mla_latents
     # moe
-    moe_aux_loss_coeff moe_pad_experts_for_cuda_graph_inference moe_router_load_balancing_type
+    moe_aux_loss_coeff moe_pad_experts_for_cuda_graph_inference
     moe_upcycling_granularity moe_use_upcycling
     # msc
     enable_msc
@@ -298,6 +278,59 @@ NEUTRAL = _names("""
     consumed_train_bins consumed_train_samples consumed_valid_samples cpu_offloading data_parallel_size
     grpo_samples_per_iteration iteration params_dtype rank skipped_train_samples
     transformer_pipeline_model_parallel_size use_custom_fsdp variable_seq_lengths world_size
+    # added by Megatron-LM core_v0.19: checkpointing, data, distributed, fault injection, logits
+    # distillation, inference, optimizer, profiling, rl, tokenizer, validation, performance knobs
+    async_ckpt_cpu_priority async_ckpt_io_priority async_ckpt_use_cpu_shm async_strategy
+    ckpt_fully_parallel_load_exchange_algo ckpt_fully_parallel_load_process_group
+    ckpt_fully_parallel_save_process_group ckpt_load_validate_sharding_integrity dist_ckpt_workers
+    override_ckpt_iteration save_activations_interval save_params_interval save_tokens_per_expert_interval
+    stream_ckpt_dequant verify_integrity dataloader_inter_document_masking
+    ddp_param_name_patterns_for_fp32_local_accumulation flight_recorder_dump_on_timeout
+    flight_recorder_dump_path flight_recorder_extra_dump_on_exec flight_recorder_include_only_active
+    flight_recorder_include_stack_trace flight_recorder_trace_buffer_size use_gloo_process_groups
+    use_layer_wise_param_layout use_layer_wise_distributed_optimizer disable_msc_deprecated
+    fault_injector_delay_start_iteration fault_injector_fault_delay fault_injector_fault_probabilities
+    fault_injector_fault_types fault_injector_mtti_seconds fault_injector_num_ranks
+    fault_injector_offset_seconds fault_injector_ranks fault_injector_seed logits_load_decode_threads
+    logits_load_dir logits_load_ignore_errors logits_load_kd_loss_alpha logits_load_msc_prefetch_depth
+    logits_load_prefetch_factor logits_save_dir logits_save_dtype logits_save_top_k logits_save_top_p
+    logits_save_top_p_min_k cuda_graph_modules cuda_graph_scope_deprecated enable_chunked_prefill
+    inference_cuda_graph_all_prefills inference_cuda_graph_max_tokens inference_cuda_graph_scope
+    inference_disable_ep_consensus inference_disable_triton_nvls_kernels
+    inference_dynamic_batching_async_sched_mode inference_dynamic_batching_cuda_graph_sizing_distribution
+    inference_dynamic_batching_enable_prefix_caching inference_dynamic_batching_logprobs_mode
+    inference_dynamic_batching_mamba_memory_ratio inference_dynamic_batching_prefix_caching_coordinator_policy
+    inference_dynamic_batching_prefix_caching_eviction_policy
+    inference_dynamic_batching_prefix_caching_mamba_gb inference_dynamic_batching_prefix_caching_routing_alpha
+    inference_dynamic_batching_sampling_backend inference_dynamic_batching_track_generated_token_events
+    inference_grouped_gemm_backend inference_max_requests inference_moe_disable_fused_quant_kernels
+    inference_moe_token_dispatcher_type inference_shards inference_text_gen_server_logging
+    inference_use_synchronous_zmq_collectives mamba_inference_conv_states_dtype
+    mamba_inference_ssm_states_dtype mamba_training_ssm_states_dtype num_speculative_tokens
+    offset_sampling_seed_by_dp_rank freeze_all_layers lion_beta1 lion_beta2 muon_coefficient_type
+    muon_nesterov muon_scalar_optimizer fsdp_db_use_persist_buf_on_alloc_fail
+    megatron_fsdp_enable_fine_grained_param_gather megatron_fsdp_grad_comm_dtype
+    megatron_fsdp_main_grads_dtype megatron_fsdp_main_params_dtype megatron_fsdp_max_pool_double_buffer
+    moe_routing_trace_capture_hidden_states moe_routing_trace_capture_logits moe_routing_trace_dump_weights
+    moe_routing_trace_max_training_iters moe_routing_trace_path nvtx_ranges pytorch_profiler_collect_callstack
+    pytorch_profiler_collect_chakra pytorch_profiler_collect_shapes record_shapes rl_consumption_granularity
+    rl_generation_lag rl_inference_parsers rl_kv_cache_management_mode rl_persist_cuda_graphs rl_profile
+    rl_profile_dir rl_submission_granularity chat_template metadata_path null_tokenizer_eod_id
+    null_tokenizer_pad_id pad_vocab_size special_tokens tokenizer_hf_no_include_special_tokens
+    tokenizer_hf_no_use_fast tokenizer_sentencepiece_ignore_extra_whitespaces eval_global_batch_size
+    eval_micro_batch_size start_eval_at_iter validation_set_names _is_global_batch_size_explicitly_specified
+    exit_signal_handler_for_training gpu_sniff_test_interval optimizer_cuda_graph step_batch_size_schedule
+    activation_offload_fraction cpu_offloading_retain_pinned_cpu_buffers delay_offload_until_cuda_graph
+    delta_offload_bytes_across_pp_ranks dsa_kernel_backend fine_grained_offloading_max_inflight_offloads
+    flash_attention_version fp4_param_gather fp8_output_proj fused_residual_rmsnorm
+    high_priority_a2a_comm_stream mlp_chunks_for_training moe_flex_dispatcher_num_sms
+    moe_hybridep_num_blocks_permute moe_hybridep_num_blocks_unpermute moe_hybridep_num_sms_preprocessing
+    moe_hybridep_pad_uneven_dispatch_inputs moe_ncclep_static_shape moe_ncclep_zero_copy moe_paged_stash
+    moe_paged_stash_buffer_size_factor_cpu moe_paged_stash_buffer_size_factor_cuda moe_paged_stash_page_size
+    moe_permute_fusion_into_hybridep moe_router_quantile_balancing_ema mtp_detach_heads
+    overlap_dispatch_backward_with_experts_wgrad
+    # the parser's shard counts; validate_args derives (expert_)gtp_weight_remat_size from them (refused)
+    tensor_parallel_num_weight_shards expert_tensor_parallel_num_weight_shards
 """)
 
 

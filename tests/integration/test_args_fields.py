@@ -2,14 +2,24 @@
 the function (Phi-3-style partial rotary, rotary_percent=0.5) is never read as a plain Llama."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
-from helpers import one_line_error, run
+import pytest
+import torch.distributed.checkpoint as dcp
+
+from ckptconv.formats.megatron_dist_layout import COMMON_ITEM
+from helpers import one_line_error, run, tree_hash
 from safe_load import load_megatron_file, save_megatron_file
+from test_fixture_args import _RawBytes
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "megatron_torch_tp2pp2"
+LISTS = FIXTURE.parent / "megatron_args"
+ARGS_016 = json.loads((LISTS / "megatron_lm_args.json").read_text())["fields"]
+ARGS_019 = json.loads((LISTS / "megatron_lm_args_0.19.json").read_text())["fields"]
 
 
 def with_args(tmp_path, **fields) -> Path:
@@ -49,3 +59,48 @@ def test_unmapped_field_refused_by_every_reader_of_the_function(tmp_path):
     # reshard carries args verbatim: the function is unchanged, so it is allowed
     r = run("reshard", src, tmp_path / "re", "--ckpt-format", "torch", "--tp", 1, "--pp", 1)
     assert r.exit_code == 0, r.output
+
+
+FIXTURE_019 = FIXTURE.parent / "megatron019_dist_tp1"      # written by real megatron-core 0.19.2
+
+
+def with_args_019(tmp_path, **fields) -> Path:
+    """A copy of the megatron-core 0.19.2 fixture whose common state's args hold ``fields``: saved as
+    ITER_DIR/common.pt, which megatron-core 0.19 itself reads in preference to the common_state item."""
+    dst = tmp_path / "mg019"
+    shutil.copytree(FIXTURE_019, dst)
+    (iter_dir,) = dst.glob("iter_*")
+    planner = _RawBytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({COMMON_ITEM: io.BytesIO()}, storage_reader=dcp.FileSystemReader(str(iter_dir)),
+                 planner=planner, no_dist=True)
+    (common,) = load_megatron_file(io.BytesIO(planner.raw[COMMON_ITEM]))
+    for k, v in fields.items():
+        assert hasattr(common["args"], k), k             # a field megatron-core 0.19 saved
+        setattr(common["args"], k, v)
+    save_megatron_file(common, iter_dir / "common.pt")
+    return dst
+
+
+# fields Megatron-LM core_v0.19 added (absent from 0.16.1's parser) that change the function
+NEW_IN_019 = {"use_mup": True, "mup_output_mult": 0.25, "hybrid_layer_pattern": "M*M*",
+              "moe_mlp_glu_interleave_size": 32, "yarn_original_max_position_embeddings": 4096}
+
+
+@pytest.mark.parametrize("field", sorted(NEW_IN_019))
+def test_019_only_field_at_non_default_is_refused(tmp_path, field):
+    assert field not in ARGS_016 and field in ARGS_019
+    src = with_args_019(tmp_path, **{field: NEW_IN_019[field]})
+    before = tree_hash(src)
+    one_line_error(run("megatron-to-hf", src, tmp_path / "hf"), field, "Fix:")
+    assert not (tmp_path / "hf").exists() and tree_hash(src) == before
+    control = with_args_019(tmp_path / "control", **{field: ARGS_019[field]["default"]})
+    assert run("megatron-to-hf", control, tmp_path / "hf-control").exit_code == 0
+
+
+def test_quantile_balancing_router_is_refused(tmp_path):
+    """0.19's moe_router_load_balancing_type=quantile_balancing routes on logits - qb_beta: a
+    routing rule, not only a loss."""
+    src = with_args_019(tmp_path, moe_router_load_balancing_type=["quantile_balancing"])
+    one_line_error(run("megatron-to-hf", src, tmp_path / "hf"), "moe_router_load_balancing_type")

@@ -21,6 +21,9 @@ from ckptconv.formats.megatron_args_fields import MAPPED, NEUTRAL, REFUSED_UNLES
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 LISTED = json.loads((FIXTURES / "megatron_args" / "megatron_lm_args.json").read_text())
 FIELDS = LISTED["fields"]
+# every Megatron-LM release ckptconv claims: core_v0.16.1 (megatron-core 0.16.1) and core_v0.19.0 (0.19.2)
+LISTS = {"0.16": LISTED,
+         "0.19": json.loads((FIXTURES / "megatron_args" / "megatron_lm_args_0.19.json").read_text())}
 
 
 def test_field_list_is_megatrons_own():
@@ -32,20 +35,28 @@ def test_field_list_is_megatrons_own():
     assert len(FIELDS) > 500
 
 
-def test_every_megatron_field_is_mapped_neutral_or_refused():
+def test_both_lists_are_megatrons_own():
+    assert [LISTS[k]["tag"] for k in LISTS] == ["core_v0.16.1", "core_v0.19.0"]
+    assert LISTS["0.19"]["megatron_core"] == "0.19.2" and len(LISTS["0.19"]["fields"]) > len(FIELDS)
+    assert "use_mup" in LISTS["0.19"]["fields"] and "use_mup" not in FIELDS
+
+
+@pytest.mark.parametrize("release", LISTS)
+def test_every_megatron_field_is_mapped_neutral_or_refused(release):
     tables = {"mapped": MAPPED, "neutral": NEUTRAL, "refused": set(REFUSED_UNLESS)}
-    every = [*FIELDS, *LISTED["derived_by_parse_and_validate_args"]]
+    every = [*LISTS[release]["fields"], *LISTS[release]["derived_by_parse_and_validate_args"]]
     unclassified = sorted(f for f in every if not any(f in t for t in tables.values()))
     assert not unclassified, f"classify these Megatron-LM args fields in megatron_args_fields.py: {unclassified}"
     twice = sorted(f for f in every if sum(f in t for t in tables.values()) > 1)
     assert not twice, twice
 
 
-@pytest.mark.parametrize("field", sorted(set(REFUSED_UNLESS) & set(FIELDS)))
-def test_refused_default_is_accepted_or_a_supported_value(field):
+@pytest.mark.parametrize("release,field", [(r, f) for r in LISTS
+                                           for f in sorted(set(REFUSED_UNLESS) & set(LISTS[r]["fields"]))])
+def test_refused_default_is_accepted_or_a_supported_value(release, field):
     """The accepted values of a refused field include Megatron's default, unless the readers
     need another value there (a Megatron default ckptconv does not support is refused)."""
-    default = FIELDS[field]["default"]
+    default = LISTS[release]["fields"][field]["default"]
     accepted = [list(a) if isinstance(a, tuple) else a for a in REFUSED_UNLESS[field]]
     assert default in accepted or field in {"position_embedding_type"}, (field, default, accepted)
 
