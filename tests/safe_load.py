@@ -85,13 +85,16 @@ def _stand_in(qualname: str) -> type:
 
 @functools.cache
 def megatron_args_classes() -> tuple[str, ...]:
-    """``module.Class`` of every megatron-core object a Megatron-LM args default holds (enums)."""
+    """``module.Class`` of every megatron-core object a Megatron-LM args default holds (enums), and
+    of the Megatron-DeepSpeed fork's enums its training loop stores in args (``ModelType``)."""
     names = set()
     for path in sorted(ARGS_LISTS.glob("megatron_lm_args*.json")):
         for field in json.loads(path.read_text())["fields"].values():
             d = field["default"]
             if isinstance(d, dict) and "enum" in d:
                 names.add(d["enum"].replace(":", "."))
+    fork = json.loads((ARGS_LISTS / "megatron_deepspeed_args.json").read_text())
+    names |= {q.replace(":", ".") for q in fork["enums"]}
     return tuple(sorted(names))
 
 

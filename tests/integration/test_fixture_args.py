@@ -4,6 +4,11 @@ megatron-core release, at its default unless the fixture's command line sets it,
 Megatron-LM does not have. Hand-built args (a Namespace of the ~70 fields a script thought of,
 ``norm_epsilon`` instead of 0.16's ``layernorm_epsilon``) fail this.
 
+The same for the Megatron-DeepSpeed fixtures (fixtures/deepspeed/, made by
+fixtures/make_megatron_deepspeed_fixture.py): their args are what the fork's own ``parse_args``
+gives (its parser + DeepSpeed's ``add_config_arguments``, megatron_deepspeed_args.json); the old
+hand-built Namespace (~30 fields and a ``position_embedding_type`` the fork does not have) fails.
+
 The args are read with torch's own DCP reader and ``torch.load(weights_only=True)``, not ckptconv."""
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed.checkpoint as dcp
 
 from safe_load import MegatronObject, load_megatron_file
@@ -93,3 +99,47 @@ def _is_default(value, default) -> bool:
     if isinstance(value, tuple):
         value = list(value)
     return value == default or (isinstance(default, str) and default == repr(value))
+
+
+# Megatron-DeepSpeed fixtures: rank 0's DeepSpeed model-states file holds client_state["args"]
+FORK = ["megatron_tp2dp2_bf16", "pipe_pp2_tied", "pipe_tp2pp2"]
+# what make_megatron_deepspeed_fixture.megatron_args sets on the fork's parser fields
+FORK_FLAGS = {
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "num_key_value_heads", "kv_channels", "seq_length", "encoder_seq_length", "max_position_embeddings",
+    "make_vocab_size_divisible_by", "swiglu", "normalization", "add_bias_linear", "use_rotary_position_embeddings",
+    "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout",
+    "add_position_embedding", "untie_embeddings_and_output_weights", "tokenizer_type",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "no_pipeline_parallel", "micro_batch_size",
+    "global_batch_size", "lr", "bf16", "accumulate_allreduce_grads_in_fp32", "deepspeed", "zero_stage", "seed",
+    "num_experts",   # None instead of the fork's [1], which ckptconv refuses today (the script says why)
+}
+
+
+@pytest.mark.parametrize("name", FORK)
+def test_megatron_deepspeed_fixture_args_are_the_forks_parse_args(name):
+    listed = json.loads((LISTS / "megatron_deepspeed_args.json").read_text())
+    fields = listed["fields"]
+    case = json.loads((FIXTURES / "deepspeed" / name / "case.json").read_text())
+    args = vars(load_megatron_file(FIXTURES / "deepspeed" / name / "checkpoint" / "global_step2"
+                                   / "mp_rank_00_model_states.pt")["args"])
+    missing = sorted(set(fields) - set(args))
+    assert not missing, f"{name}: {len(missing)} Megatron-DeepSpeed parser fields absent, e.g. {missing[:5]}"
+    known = set(fields) | {"iteration"} | {k for key in ("derived_by_parse_and_validate_args",
+                                                         "set_by_build_tokenizer", "set_by_training")
+                                           for k in listed[key]}
+    assert not sorted(set(args) - known), f"{name}: not Megatron-DeepSpeed fields: {sorted(set(args) - known)}"
+    changed = sorted(k for k, f in fields.items() if k not in FORK_FLAGS and not _is_default(args[k], f["default"]))
+    assert not changed, f"{name}: fields off the fork's default without a flag: {changed}"
+    # DeepSpeed's own config arguments, and what validate_args / the tokenizer / get_model set
+    assert set(listed["added_by_deepspeed_add_config_arguments"]) >= {"deepspeed", "deepspeed_config"}
+    assert args["deepspeed"] is True and args["deepspeed_config"] is None
+    assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]) == (case["tp"], case.get("pp", 1))
+    assert args["ds_pipeline_enabled"] == (not args["no_pipeline_parallel"]) == bool(case.get("pipe"))
+    assert args["data_parallel_size"] * case["tp"] * case.get("pp", 1) == args["world_size"] == case["world_size"]
+    assert args["params_dtype"] == (torch.bfloat16 if case["dtype"] == "bf16" else torch.float32)
+    assert args["bf16"] == args["accumulate_allreduce_grads_in_fp32"] == (case["dtype"] == "bf16")
+    assert args["padded_vocab_size"] == case["padded_vocab_size"]
+    assert isinstance(args["model_type"], MegatronObject)
+    assert (args["model_type"].qualname, args["model_type"].args) == ("megatron.core.enums.ModelType", (1,))
+    assert "position_embedding_type" not in args and args["rope_theta"] == 10000
