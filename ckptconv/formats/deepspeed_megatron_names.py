@@ -105,6 +105,13 @@ def core_args(args: Any) -> argparse.Namespace:
     ns.swiglu = bool(getattr(args, "swiglu", False))
     ns.use_rope_scaling = False
     ns.vocab_size = getattr(args, "vocab_size", None)
+    # the fork's own encodings of "dense decoder": validate_args sets encoder_num_layers = num_layers,
+    # and --num-experts is a list per layer group whose default [1] means no MoE (Core: None)
+    if getattr(args, "encoder_num_layers", None) == getattr(args, "num_layers", None):
+        ns.encoder_num_layers = None
+    experts = getattr(args, "num_experts", None)
+    if isinstance(experts, (list, tuple)) and experts and all(e == 1 for e in experts):
+        ns.num_experts = None
     ns.position_embedding_type = _FORK_POSITIONS.get(_enum_value(getattr(args, "position_embedding_type", None)),
                                                      "rope" if getattr(args, "position_embedding_type", None) is None
                                                      else "unknown")

@@ -269,3 +269,40 @@ def test_gpt_style_megatron_deepspeed_is_refused_by_name(tmp_path):
     torch.save(sd, layer)
     one_line_error(run("deepspeed-to-hf", ckpt, tmp_path / "hf"), "position embeddings", "position_embeddings.weight")
     assert not (tmp_path / "hf").exists()
+
+
+def _with_fork_args(tmp_path, case: str, **fields) -> Path:
+    """A copy of a Megatron-DeepSpeed fixture whose args carry ``fields`` in every rank's file."""
+    from safe_load import load_megatron_file, save_megatron_file
+
+    ckpt = tmp_path / f"ckpt-{case}"
+    shutil.copytree(FIX / case / "checkpoint", ckpt)
+    for f in sorted((ckpt / "global_step2").glob("mp_rank_*_model_states.pt")):
+        state = load_megatron_file(f)
+        for k, v in fields.items():
+            setattr(state["args"], k, v)
+        save_megatron_file(state, f)
+    return ckpt
+
+
+@pytest.mark.parametrize("case", ["pipe_pp2_tied", "megatron_tp2dp2_bf16"])
+def test_fork_dense_encodings_are_read_as_dense(tmp_path, case):
+    """The fork's validate_args sets encoder_num_layers = num_layers and its --num-experts default is
+    [1] (no MoE): real fork checkpoints carry both. They convert exactly as the fixture without them
+    (which was refused with exit 2 before: encoder_num_layers must be None, num_experts a number)."""
+    layers = INFO[case].get("num_layers") or json.loads((FIX / case / "config.json").read_text())["num_hidden_layers"]
+    ckpt = _with_fork_args(tmp_path, case, encoder_num_layers=layers, num_experts=[1])
+    r = run("deepspeed-to-hf", ckpt, tmp_path / "hf")
+    assert r.exit_code == 0, r.output
+    r = run("deepspeed-to-hf", FIX / case / "checkpoint", tmp_path / "ref")
+    assert r.exit_code == 0, r.output
+    got, ref = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_fork_moe_args_are_still_refused(tmp_path):
+    """A fork checkpoint whose --num-experts says MoE ([4]) is not a dense model: exit 2, nothing written."""
+    ckpt = _with_fork_args(tmp_path, "pipe_pp2_tied", num_experts=[4])
+    r = run("deepspeed-to-hf", ckpt, tmp_path / "hf")
+    assert r.exit_code == 2 and "num_experts" in r.output, r.output
+    assert not (tmp_path / "hf").exists()

@@ -112,7 +112,7 @@ FORK_FLAGS = {
     "add_position_embedding", "untie_embeddings_and_output_weights", "tokenizer_type",
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "no_pipeline_parallel", "micro_batch_size",
     "global_batch_size", "lr", "bf16", "accumulate_allreduce_grads_in_fp32", "deepspeed", "zero_stage", "seed",
-    "num_experts",   # None instead of the fork's [1], which ckptconv refuses today (the script says why)
+    "num_experts",   # None instead of the fork's [1] (refused when the fixtures were made; the script says why)
 }
 
 
