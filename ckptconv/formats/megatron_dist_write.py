@@ -35,6 +35,7 @@ import io
 import itertools
 import json
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,17 @@ class StreamingDcpSave(CommitsOnExit):
 
     def abort(self) -> None:
         self._handoff.fail(_Aborted())
-        if self._started:
-            self._thread.join()
+        if not self._started:
+            return
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self._thread.join()
+                return
+            except RuntimeError:    # Ctrl-C/SIGTERM inside Thread.start(): not yet signalled as begun
+                if time.monotonic() > deadline:
+                    return          # never began; if it does, it takes the failed handoff and ends
+                time.sleep(0.01)
 
 
 class MegatronDistWriter(StreamingDcpSave):
