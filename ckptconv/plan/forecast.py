@@ -7,7 +7,7 @@ machine reads, writes, copies, scans and hashes right now; ``PROFILES`` say how 
 each kind the engine makes over the bytes of each command. The forecast is the sum of
 
     start-up      interpreter + torch import (measured: this process's age at the dry-run) and,
-                  when torch_dist is written, torch.distributed.checkpoint's import;
+                  when torch_dist is written, the DCP checkpoint module's import;
     read+copy     bytes read / read rate, and memory copies per written byte (op, TP slicing,
                   serialisation);
     scan+hash     per byte read: NaN/overflow scans and SHA-256 (fingerprint manifest, integrity);
