@@ -101,7 +101,7 @@ def render(results: dict) -> str:
     if fc:
         L += ["", "## Forecasts from a config alone (`hf-to-megatron CONFIG --dry-run`, fixtures/configs/)", "",
               "Sources are forecast at the disk's O_DIRECT read rate (models this size are not in the page "
-              "cache); the memory forecast is the engine's (4 × the largest tensor).", "",
+              "cache); the memory forecast is the engine's (its 256 MiB row-block budget plus 4 × the largest tensor it must hold whole).", "",
               "| config | layout | parameters | output (GB) | memory forecast (GiB) | time forecast | dry-run peak RSS (MiB) |",
               "|---|---|---:|---:|---:|---:|---:|"]
         for f in fc:

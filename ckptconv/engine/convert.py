@@ -20,6 +20,7 @@ from ..formats.megatron import WRITERS, open_megatron_reader
 from ..formats.megatron_args import build_args
 from ..ops import get_op
 from ..plan.megatron_layout import MegatronLayout, pad_vocab_size
+from ..plan.memory import memory_forecast
 from ..plan.output_shards import parse_size
 from ..plan.planner import plan_hf_to_megatron
 from ..types import TensorMeta, dtype_name
@@ -34,7 +35,7 @@ from .manifest_parts import write_fingerprints
 from .overlap import background_integrity_check, behind, finish_integrity_check
 from .progress import progress
 from .rows import DEFAULT_BUDGET, Budget
-from .streams import hf_stream, megatron_item_stream
+from .streams import hf_stream, hf_streams, item_streams, megatron_item_stream
 from .share_writers import hf_files, hf_share_writer, megatron_share_writer
 from .workers import Share, WorkerJob, fan_out, output_dir, plan_workers, worker_command
 
@@ -61,6 +62,9 @@ def source_to_megatron(source, dst: str | Path, *, tp: int = 1, pp: int = 1, vpp
     plan = plan_hf_to_megatron(family, cfg, source.tensors(), layout, padded, dtype)
     summary = {"source": str(source.path), "destination": str(dst), "format": f"megatron_{ckpt_format}",
                **plan.summary()}
+    by_rows = [item_streams(it, source) for it in plan.items]
+    summary.update(memory_forecast(memory_budget, [it.megatron.nbytes for it, s in zip(plan.items, by_rows) if s],
+                                   [it.megatron.nbytes for it, s in zip(plan.items, by_rows) if not s]))
     if ckpt_format not in WRITERS:
         raise UnknownFormat(f"unknown Megatron checkpoint format {ckpt_format!r}", fix=f"use one of {sorted(WRITERS)}")
     pieces = sum(f["tensors"] for f in summary["files"])
@@ -144,6 +148,8 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
     metas = [TensorMeta(m.name, m.shape, dtype or m.dtype) for m in source.tensors().values()]
     summary = {"source": str(source.path), "destination": str(dst), "format": "hf",
                "tensors_written": len(metas), "bytes_written": sum(m.nbytes for m in metas), **(summary or {})}
+    summary.update(memory_forecast(memory_budget, [m.nbytes for m in metas if hf_streams(m, source)],
+                                   [m.nbytes for m in metas if not hf_streams(m, source)]))
     n = plan_workers(summary, workers, launcher, share=share, units=len(hf_files(metas, parse_size(max_shard_size))))
     if dry_run:
         return {**summary, **time_forecast("megatron_to_hf", summary, dst, pieces=len(metas), source=source.path,

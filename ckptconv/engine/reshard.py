@@ -24,14 +24,25 @@ from ..formats.megatron_args import config_from_args
 from ..plan.megatron_layout import MegatronLayout
 from ..verify.manifest import MANIFEST_NAME
 from ..plan.forecast import pieces_written
+from ..plan.memory import memory_forecast
 from .forecast_summary import time_forecast
 from .reshard_extra import carried_extra_state
+from .reshard_manifest import ShareFingerprints
 from .reshard_plan import ReshardPlan, plan_reshard
 from .reshard_workers import shares, write_share
 from .rows import DEFAULT_BUDGET, Budget
 from .workers import Share, WorkerJob, check_workers, fan_out, output_dir, plan_workers
 
-def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) -> dict:
+
+def _by_rows(reader, plan: ReshardPlan) -> list[bool]:
+    """Per output tensor: whether the reshard streams it by rows (``reshard_workers.write_share``:
+    a row-wise op and the same row width; else it is read whole)."""
+    fingerprints, src = ShareFingerprints(reader, plan.padded_vocab[0]), reader.tensors()
+    return [bool(m.shape) and tuple(m.shape[1:]) == tuple(src[m.name].shape[1:])
+            and fingerprints.targets(m.name, src[m.name].shape, src[m.name].dtype) is not None for m in plan.metas]
+
+
+def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str, budget_bytes: int) -> dict:
     lay = plan.layout
     try:
         family = config_from_args(reader.args, reader.meta.get("hf_config"), check_fields=False).family
@@ -39,6 +50,7 @@ def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) 
         family = None
     largest = max(m.nbytes for m in plan.metas)
     src_bytes = sum(m.nbytes for n, m in reader.tensors().items())
+    by_rows = _by_rows(reader, plan)
     return {
         "direction": "reshard", "source": str(src), "destination": str(dst),
         "source_format": reader.format, "format": f"megatron_{ckpt_format}", "family": family,
@@ -48,7 +60,9 @@ def _summary(reader, plan: ReshardPlan, src: Path, dst: Path, ckpt_format: str) 
         "padded_vocab_size": plan.padded_vocab[1], "transformer_impl": plan.impl, "iteration": plan.iteration,
         "tensors_read": len(plan.metas), "bytes_read": src_bytes,
         "tensors_written": len(plan.metas), "bytes_written": sum(m.nbytes for m in plan.metas),
-        "largest_tensor_bytes": largest, "memory_forecast_bytes": 3 * largest,
+        "largest_tensor_bytes": largest,
+        **memory_forecast(budget_bytes, [m.nbytes for m, r in zip(plan.metas, by_rows) if r],
+                          [m.nbytes for m, r in zip(plan.metas, by_rows) if not r]),
         "ignored_source_tensors": plan.ignored,
         "dropped_state": sorted(k for k in reader.common if k not in ("args", "ckptconv", "checkpoint_version",
                                                                       "iteration") and not k.startswith("model")),
@@ -79,7 +93,7 @@ def reshard(src: str | Path, dst: str | Path, *, ckpt_format: str = "torch_dist"
               last_stage_layers=last_stage_layers, ep=ep, etp=etp)
     with open_megatron_reader(src, detect_format(src), iteration) as reader:
         plan = plan_reshard(reader, **kw)
-        summary = _summary(reader, plan, src, dst, ckpt_format)
+        summary = _summary(reader, plan, src, dst, ckpt_format, memory_budget)
         workers = plan_workers(summary, workers, launcher, share=share,
                                units=len(plan.layout.rank_files()) if ckpt_format == "torch" else len(plan.metas))
         carried, dropped = carried_extra_state(reader, plan, ckpt_format)

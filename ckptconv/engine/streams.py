@@ -14,14 +14,31 @@ engine takes whole tensors for those.
 """
 from __future__ import annotations
 
+from ..ops import get_op
 from ..ops.rows import Run, identity_runs, row_runs
 from ..types import TensorMeta
 from .rows import Budget, RowStream, Source, Target
 
 
+def reads_rows(source) -> bool:
+    """Whether ``source`` reads rows for a stream (else a stream's input is read whole)."""
+    return bool(getattr(source, "rows_readable", hasattr(source, "read_rows")))
+
+
+def item_streams(item, source) -> bool:
+    """hf-to-megatron: whether ``megatron_item_stream`` streams this plan item by rows."""
+    return reads_rows(source) and get_op(item.op).row_wise and all(m.shape for m in (item.megatron, *item.hf))
+
+
+def hf_streams(out: TensorMeta, source) -> bool:
+    """to-HF: whether ``hf_stream`` streams this HF tensor by rows (and its source reads them)."""
+    of = getattr(source, "reads_rows_of", None)
+    return reads_rows(source) and bool(out.shape) and (of is None or of(out.name))
+
+
 def source_input(source, meta: TensorMeta) -> Source:
     """A stream input reading ``meta.name`` from ``source`` (by rows when it can)."""
-    rows = getattr(source, "read_rows", None) if getattr(source, "rows_readable", True) else None
+    rows = getattr(source, "read_rows", None) if reads_rows(source) else None
     read = (lambda a, b, out: rows(meta.name, a, b, out)) if rows is not None and meta.shape else None
     return Source(meta, read, lambda: source.read(meta.name))
 

@@ -34,6 +34,8 @@ def config_only_path(path: Path) -> Path | None:
 class ConfigOnlySource:
     """The ``sources`` interface over a config alone: metas from the family table, no data."""
 
+    rows_readable = True     # forecasts stand for the HF safetensors source, which reads rows
+
     def __init__(self, config_path: Path):
         self.config_path = Path(config_path)
         self.path = self.config_path.parent

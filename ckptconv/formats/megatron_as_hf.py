@@ -62,6 +62,11 @@ class MegatronAsHF(ClosesOnExit):
         meta = next(m for m in item.hf if m.name == name)
         return TensorMeta(name, meta.shape, self._mg_metas[item.megatron.name].dtype)
 
+    def reads_rows_of(self, name: str) -> bool:
+        """Whether ``read_rows(name, ...)`` reads rows rather than the whole Megatron tensor."""
+        item = self._items[name]
+        return self.rows_readable and get_op(item.op).row_wise and all(m.shape for m in item.hf)
+
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows ``start:stop`` of HF tensor ``name`` read into ``out`` straight from the rows of the
         Megatron tensor that holds them (the op's row map, ``ops.rows``): no fused tensor is read
