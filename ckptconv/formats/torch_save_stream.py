@@ -22,7 +22,6 @@ import copyreg
 import io
 import math
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path

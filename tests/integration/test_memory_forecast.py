@@ -1,13 +1,11 @@
 """The dry-run's memory forecast follows the engine's streaming: the row-block budget for tensors
 read by rows, plus 4x the largest tensor that has to be held whole. Each forecast is checked
-against what the same conversion then buffers (config-only dry runs of 70B-671B:
-tests/integration/test_dry_run_forecast.py) (``buffered_peak_bytes``) and, for GPT-2 (whose
-transposed Conv1D weights are not row-wise), against the tensors the engine says it held whole."""
+against what the same conversion then buffers (``buffered_peak_bytes``) and, for GPT-2 (whose
+transposed Conv1D weights are not row-wise), against the tensors the engine says it held whole.
+Config-only dry runs of 70B-671B: tests/integration/test_dry_run_forecast.py."""
 from __future__ import annotations
 
 import re
-
-import pytest
 
 from ckptconv import hf_to_megatron, megatron_to_hf
 from ckptconv.engine.reshard import reshard
