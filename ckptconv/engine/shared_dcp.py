@@ -1,28 +1,25 @@
 """One DCP checkpoint (Megatron ``torch_dist`` or plain DCP) written collectively by several workers.
- The writer plans every write
-  item and each worker keeps only the items of its share (rank 0 also takes the BYTES items:
-  `_extra_state`, common state) and runs torch.distributed.checkpoint's collective save on the
-  workers' gloo group: DCP gathers the local plans on rank 0, checks that the chunks of every
-  stacked key cover it exactly once, gives each rank its own ``__<rank>_*.distcp`` files and has
-  rank 0 write ``.metadata``. Only rank 0 writes what follows the data (``common.pt``,
-  ``metadata.json``, ``integrity.json``, the tracker), after the collective save has finished
-  everywhere. (Imports torch.distributed.checkpoint: ``share_writers`` loads it only when used.)
+
+The writer plans every item and each worker writes only the items of its share (rank 0 also
+takes the BYTES items: `_extra_state`, common state) into its own ``__<rank>_*.distcp`` files.
+The workers then exchange where their records landed (and whether they failed) over their gloo
+group, and rank 0 writes ``.metadata`` for the whole plan, as torch's collective DCP save does
+(the chunks of every stacked key cover it exactly once by construction: the shares partition
+one plan). Only rank 0 writes what follows the data (``common.pt``, ``metadata.json``,
+``integrity.json``, the tracker), after every worker's records are written.
 """
 from __future__ import annotations
 
-import warnings
-
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import WriteItemType
+import torch.distributed as dist
 
 from ..formats.dcp_write import DcpWriter
-from ..formats.megatron_dist_write import MegatronDistWriter
+from ..formats.megatron_dist_write import MegatronDistWriter, SaveAborted
 
 
 class SharedSave:
-    """Mixin over a ``StreamingDcpSave`` writer: only the tensors in ``share`` are saved, with the
-    other workers, in one collective DCP save; ``_item_name(item)`` names a write item's tensor."""
+    """Mixin over a ``StreamingDcpSave`` writer: only the tensors in ``share`` are saved, then the
+    workers' record locations are gathered for rank 0's `.metadata`; ``_item_name(item)`` names
+    a planned item's tensor."""
 
     def _init_share(self, share: set[str], rank: int, group) -> None:
         self._share, self._rank, self._group = set(share), rank, group   # read by _save (writer thread)
@@ -31,21 +28,27 @@ class SharedSave:
         return name in self._share
 
     def _mine(self, item) -> bool:
-        if item.type == WriteItemType.BYTE_IO:
+        if item.is_bytes:
             return self._rank == 0
         return self._item_name(item) in self._share
 
-    def _save(self, planner, storage) -> None:
+    def _write_records(self):
         try:
-            planner._items = [it for it in planner._items if self._mine(it)]
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.save({}, storage_writer=storage, planner=planner, process_group=self._group)
-        except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
-            if isinstance(e, CheckpointException) and e.failures:
-                e = next(iter(e.failures.values()))[0]
-            self._failure = e
-            self._handoff.fail(e)
+            stored, failed = self._storage.write_items([it for it in self._items if self._mine(it)],
+                                                       self._resolve_item, rank=self._rank), None
+        except BaseException as e:  # noqa: BLE001 - every worker joins the exchange below, then raises
+            stored, failed = {}, e
+        everyone: list = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(everyone, (stored, failed is not None), group=self._group)
+        if failed is not None:
+            raise failed
+        if any(f for _, f in everyone):
+            raise SaveAborted("another worker's save failed")
+        return {k: v for s, _ in everyone for k, v in s.items()}
+
+    def _finish(self, stored) -> None:
+        if self._rank == 0:
+            super()._finish(stored)
 
     def write(self, name, tensor) -> None:
         if name in self._share:
@@ -69,7 +72,7 @@ class SharedDistWriter(SharedSave, MegatronDistWriter):
         super().__init__(*args, **kwargs)
 
     def _item_name(self, item) -> str:
-        return self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
+        return self._by_index[item.key]
 
 
 class SharedDcpWriter(SharedSave, DcpWriter):
@@ -80,4 +83,4 @@ class SharedDcpWriter(SharedSave, DcpWriter):
         super().__init__(out_dir, metas)
 
     def _item_name(self, item) -> str:
-        return item.index.fqn
+        return item.fqn

@@ -1,15 +1,15 @@
 """The storage layer of ckptconv's DCP writes: records streamed into a few large files, hashed on
-the way.
+the way, and the `.metadata` that indexes them.
 
 torch's `FileSystemWriter` writes one `torch.save` per item into one file per item (about 1,800
 files for a 126-layer model), computes a CRC-32 of every record and leaves the integrity manifest
-to a second pass that re-reads every byte. `RecordStorageWriter` keeps torch's planning and its
-`.metadata` (`finish` is torch's) and replaces only `write_data`: the items of a rank go in plan
+to a second pass that re-reads every byte. `RecordStorageWriter` writes the items of a rank in plan
 order into ``__<rank>_<k>.distcp`` files of up to ``file_bytes`` each, every tensor item as exactly
 what `torch.save(tensor)` writes (`torch_save_stream.write_tensor_record`; no CRC-32, which
 torch.load never checks), every BYTES item as its raw bytes (as torch writes them), and the
 SHA-256 of each file is computed from the bytes as they are written (`digests`: file name ->
-hex digest, for `megatron_dist_integrity.write_manifest`).
+hex digest, for `megatron_dist_integrity.write_manifest`). `write_metadata` then writes the
+`.metadata` torch's writer would (`dcp_metadata_write`), without importing torch's DCP package.
 
 A tensor item's data is a contiguous CPU tensor, or any object with ``nbytes`` and ``blocks()``
 (an iterator of contiguous CPU tensors whose bytes, in order, are the tensor's row-major bytes):
@@ -20,15 +20,12 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
-from torch.futures import Future
-from torch.distributed.checkpoint.filesystem import _FileSystemWriter, _StorageInfo
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
 
+from .dcp_metadata_write import PlanItem, Stored, metadata_bytes
+from .dcp_metadata import METADATA_FILE
 from .torch_save_stream import write_tensor_record
 
 FILE_BYTES = 2 << 30          # start a new data file beyond this
@@ -116,43 +113,40 @@ def write_tensor_data(f: HashingFile, data: Any) -> None:
         f.write(tensor_bytes(block))
 
 
-class RecordStorageWriter(_FileSystemWriter):
+class RecordStorageWriter:
     def __init__(self, path: Path, file_bytes: int | None = None):
-        super().__init__(path, single_file_per_rank=True, sync_files=False, thread_count=1,
-                         per_thread_copy_ahead=0)
+        self.path = Path(path)
         self.file_bytes = FILE_BYTES if file_bytes is None else file_bytes
         self.digests: dict[str, str] = {}
 
-    def storage_meta(self) -> StorageMeta:
-        return StorageMeta()   # we write into a temporary directory that is renamed: record no path
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        prefix = plan.storage_data.prefix
-        results: list[WriteResult] = []
+    def write_items(self, items: Iterable[PlanItem], resolve: Callable[[PlanItem], Any],
+                    rank: int = 0) -> dict[tuple, Stored]:
+        """Write each item's data (``resolve(item)``: a tensor, a block source, or bytes for a BYTES
+        item) in order; where each record landed, by ``item.key``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        stored: dict[tuple, Stored] = {}
         f: HashingFile | None = None
         count = 0
         try:
-            for item in plan.items:
+            for item in items:
                 if f is None or f.pos >= self.file_bytes:
                     if f is not None:
                         self.digests[f.path.name] = f.close()
-                    f = HashingFile(Path(self.path) / f"{prefix}{count}.distcp")
+                    f = HashingFile(self.path / f"__{rank}_{count}.distcp")
                     count += 1
-                data = planner.resolve_data(item)
+                data = resolve(item)
                 offset = f.pos
-                if item.type == WriteItemType.BYTE_IO:
+                if item.is_bytes:
                     f.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
                 else:
-                    shape = tuple(item.tensor_data.chunk.sizes)
-                    dtype = item.tensor_data.properties.dtype
-                    write_tensor_record(f, shape, dtype, lambda ff, d=data: write_tensor_data(ff, d))
+                    write_tensor_record(f, item.sizes, item.dtype, lambda ff, d=data: write_tensor_data(ff, d))
                 f.check()
-                results.append(WriteResult(index=item.index, size_in_bytes=f.pos - offset,
-                                           storage_data=_StorageInfo(f.path.name, offset, f.pos - offset)))
+                stored[item.key] = Stored(f.path.name, offset, f.pos - offset)
         finally:
             if f is not None:
                 self.digests[f.path.name] = f.close()
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+        return stored
 
+    def write_metadata(self, items: list[PlanItem], stored: dict[tuple, Stored]) -> None:
+        """The `.metadata` of the whole save (every rank's records in ``stored``)."""
+        (self.path / METADATA_FILE).write_bytes(metadata_bytes(items, stored))

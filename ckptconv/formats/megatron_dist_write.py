@@ -5,7 +5,7 @@ What is written (what `megatron.core.dist_checkpointing.load` reads at any TP/PP
     ROOT/release | ROOT/iter_%07d/
         __0_K.distcp   one torch DCP record file per write item (see "Memory" below), among them
                        the BYTES item common_state/shard_0_1 = torch.save([common]) (megatron-core 0.19)
-        .metadata      written by torch's FileSystemWriter
+        .metadata      torch DCP's Metadata, as torch's FileSystemWriter writes it (`dcp_metadata_write`)
         common.pt      common = {"args", "checkpoint_version": 3.0, "iteration", "ckptconv"} (0.16)
         metadata.json  Megatron's marker of a complete checkpoint
         integrity.json sha256 of every other file, written last (0.17.1+'s `load(verify_integrity=True)`
@@ -18,15 +18,17 @@ stored [gate_full; up_full]); `_extra_state` objects are BYTES items holding `to
 module of every layer, so both TE and local-spec models find theirs. A tied embedding is stored
 once: Megatron's last stage loads its output layer from `embedding.word_embeddings.weight`.
 
-Memory. torch's DCP save pulls every item from the save planner (`SavePlanner.resolve_data`)
-when it writes it. Our planner plans all items from the metas alone and resolves a tensor item by
-waiting for the engine's `write()` of that tensor: the DCP save runs in one background thread,
-and `write(name, t)` hands `t` over through a one-slot rendezvous (`_Handoff`) and returns once
-the storage writer has taken it. The engine writes in plan order, so at most the tensor being
-serialised and the one being produced are alive; a write out of plan order is held until it is
-asked for (correct, just not bounded). The storage writer is `dcp_records.RecordStorageWriter`:
-records streamed into a few large files (not one file per item), no CRC-32, and each file's
-SHA-256 for integrity.json computed from the bytes as they are written (no second pass).
+Memory. All items are planned from the metas alone (`dcp_metadata_write.PlanItem`, what torch's
+default save planner would plan) and written in plan order by one background thread, which
+resolves a tensor item by waiting for the engine's `write()` of that tensor: `write(name, t)`
+hands `t` over through a one-slot rendezvous (`_Handoff`) and returns once the storage writer has
+taken it. The engine writes in plan order, so at most the tensor being serialised and the one
+being produced are alive; a write out of plan order is held until it is asked for (correct, just
+not bounded). The storage writer is `dcp_records.RecordStorageWriter`: records streamed into a
+few large files (not one file per item), no CRC-32, each file's SHA-256 for integrity.json
+computed from the bytes as they are written (no second pass), then the `.metadata`. torch's DCP
+package is not imported (it costs ~2 s of start-up): what it would write is written directly,
+and tests compare it with `dcp.save`'s and load it with torch's and megatron-core's readers.
 """
 from __future__ import annotations
 
@@ -36,21 +38,16 @@ import itertools
 import json
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..errors import LayoutError, MissingTensors
 from ..plan.megatron_layout import MegatronLayout
 from ..types import TensorMeta
 from .megatron_dist import METADATA_JSON, leading_axes, stacked_key
+from .dcp_metadata_write import PlanItem, Stored, tensor_item
 from .dcp_records import RecordStorageWriter
 from .megatron_dist_integrity import write_manifest
 from .megatron_dist_layout import BACKEND, COMMON_FILE, COMMON_ITEM, WRITE_LAYOUT
@@ -70,12 +67,12 @@ def _list_payload(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-class _Aborted(Exception):
-    pass
+class SaveAborted(Exception):
+    """The save thread stopped because the engine (or, in a shared save, another worker) failed."""
 
 
 class _Handoff:
-    """One-slot rendezvous between the engine (put) and torch's storage writer (take)."""
+    """One-slot rendezvous between the engine (put) and the storage writer (take)."""
 
     def __init__(self):
         self._cv = threading.Condition()
@@ -100,7 +97,7 @@ class _Handoff:
             self._cv.notify_all()
             while name not in self._pending:
                 if self.error is not None:
-                    raise _Aborted()
+                    raise SaveAborted()
                 if self._closing:
                     raise MissingTensors("planned tensor was never written", tensor=name,
                                          fix="the conversion stopped early; nothing was kept")
@@ -121,60 +118,30 @@ class _Handoff:
             self._cv.notify_all()
 
     def _check(self) -> None:
-        if self.error is not None and not isinstance(self.error, _Aborted):
+        if self.error is not None and not isinstance(self.error, SaveAborted):
             raise self.error
 
 
-class _LazySavePlanner(DefaultSavePlanner):
-    """Plans the given write items (no state dict); resolves each one only when asked."""
-
-    def __init__(self, items: list[WriteItem], resolve):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._items, self._resolve = items, resolve
-
-    def create_local_plan(self) -> SavePlan:
-        self.plan = SavePlan(list(self._items))
-        return self.plan
-
-    def resolve_data(self, write_item: WriteItem) -> Any:
-        return self._resolve(write_item)
-
-
-def save_no_dist(planner: _LazySavePlanner, storage: RecordStorageWriter) -> BaseException | None:
-    """Run torch's DCP save in this process (no process group); the error it raised, or None
-    (a storage failure inside a CheckpointException is unwrapped)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # no_dist is meant
-            dcp.save({}, storage_writer=storage, planner=planner, no_dist=True)
-    except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
-        if isinstance(e, CheckpointException) and e.failures:
-            e = next(iter(e.failures.values()))[0]
-        return e
-    return None
-
-
 class StreamingDcpSave(CommitsOnExit):
-    """torch's `FileSystemWriter` on a save thread, pulling each write item through a lazy save
-    planner; ``write(name, t)`` hands the tensor over through a one-slot rendezvous, so at most the
-    tensor being serialised and the one being produced are alive. A subclass sets ``_metas``, calls
+    """The records of planned items written by a save thread in plan order, then the `.metadata`;
+    ``write(name, t)`` hands the tensor over through a one-slot rendezvous, so at most the tensor
+    being serialised and the one being produced are alive. A subclass sets ``_metas``, calls
     ``_init_save`` with its items and their resolver, and adds what it writes after the data
     (``_commit``)."""
 
     writes_in_background = True      # write() hands over to the save thread: no write-behind needed
     takes_row_streams = True         # write() takes a row stream too (engine.rows.RowStream)
 
-    def _init_save(self, items: list[WriteItem], resolve, out_dir: Path) -> None:
+    def _init_save(self, items: list[PlanItem], resolve, out_dir: Path) -> None:
         self._written: set[str] = set()
         self._handoff = _Handoff()
         self._failure: BaseException | None = None
-        planner = _LazySavePlanner(items, resolve)
-        storage = self._storage = RecordStorageWriter(out_dir)
+        self._items, self._resolve_item = list(items), resolve
+        self._storage = RecordStorageWriter(out_dir)
         # started by the first write() or close(), i.e. inside the caller's `with` block: an
         # interrupt while the writer is being built leaves no thread behind to create files in an
         # output directory the caller is removing
-        self._thread = threading.Thread(target=self._save, args=(planner, storage), daemon=True,
-                                        name="ckptconv-dcp-writer")
+        self._thread = threading.Thread(target=self._save, daemon=True, name="ckptconv-dcp-writer")
         self._started = False
 
     def _start(self) -> None:
@@ -182,10 +149,19 @@ class StreamingDcpSave(CommitsOnExit):
             self._started = True
             self._thread.start()
 
-    def _save(self, planner: _LazySavePlanner, storage: RecordStorageWriter) -> None:
-        self._failure = save_no_dist(planner, storage)
-        if self._failure is not None:
-            self._handoff.fail(self._failure)
+    def _save(self) -> None:
+        try:
+            self._finish(self._write_records())
+        except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
+            self._failure = e
+            self._handoff.fail(e)
+
+    def _write_records(self) -> dict[tuple, Stored]:
+        return self._storage.write_items(self._items, self._resolve_item)
+
+    def _finish(self, stored: dict[tuple, Stored]) -> None:
+        """After the records: the `.metadata` (a shared save gathers every worker's first)."""
+        self._storage.write_metadata(self._items, stored)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         meta = self._metas.get(name)
@@ -220,7 +196,7 @@ class StreamingDcpSave(CommitsOnExit):
         """What is written once every tensor is saved (nothing by default)."""
 
     def abort(self) -> None:
-        self._handoff.fail(_Aborted())
+        self._handoff.fail(SaveAborted())
         if not self._started:
             return
         deadline = time.monotonic() + 5.0
@@ -251,31 +227,31 @@ class MegatronDistWriter(StreamingDcpSave):
         per_layer = not isinstance(getattr(args, "moe_layer_freq", 1) or 1, int) \
             or int(getattr(args, "moe_layer_freq", 1) or 1) > 1
         items = self._plan(metas, layout, per_layer)
-        self._by_index = {(it.index.fqn, tuple(it.index.offset or ())): name for name, it in items.items()}
+        self._by_index = {it.key: name for name, it in items.items()}
         # leading (layer[, expert]) axes a stacked item has beyond its logical tensor
-        self._stacked = {name: len(it.index.offset) - len(self._metas[name].shape) for name, it in items.items()
-                         if it.type == WriteItemType.SHARD}
+        self._stacked = {name: len(it.offsets) - len(self._metas[name].shape) for name, it in items.items()
+                         if len(it.offsets) > len(self._metas[name].shape)}
         extra_items = _extra_items(metas, layout, per_layer)
         self._payload = _list_payload(None)
         self._byte_payloads: dict[str, bytes] = {
             _extra_fqn(k, layout, per_layer): _list_payload(v[min(v)]) for k, v in (extra_state or {}).items()}
         if WRITE_LAYOUT.common_item:
             self._byte_payloads[COMMON_ITEM] = _list_payload(self._common)
-            extra_items.append(WriteItem(MetadataIndex(COMMON_ITEM), WriteItemType.BYTE_IO))
+            extra_items.append(PlanItem(COMMON_ITEM))
         self._init_save(extra_items + list(items.values()), self._resolve, self.iter_dir)
 
     @staticmethod
-    def _plan(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> dict[str, WriteItem]:
+    def _plan(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> dict[str, PlanItem]:
         """One write item per logical tensor: a chunk of its stacked key (at its layer, and for an
         expert at its global expert), or the whole key."""
-        items: dict[str, WriteItem] = {}
+        items: dict[str, PlanItem] = {}
         groups: dict[str, dict[tuple[int, ...], TensorMeta]] = {}
         for m in metas:
             sk = stacked_key(m.name, per_layer)
             if sk and sk[1]:
                 groups.setdefault(sk[0], {})[sk[1]] = m
             else:
-                items[m.name] = _item(m.name, (0,) * len(m.shape), m.shape, m.shape, m.dtype, WriteItemType.TENSOR)
+                items[m.name] = tensor_item(m.name, (0,) * len(m.shape), m.shape, m.shape, m.dtype)
         for fqn, entries in groups.items():
             first_index, first = next(iter(entries.items()))
             lead = _lead_sizes(fqn, layout)
@@ -290,15 +266,15 @@ class MegatronDistWriter(StreamingDcpSave):
                     raise LayoutError(f"{index} is {m.shape} {m.dtype}, {first_index} is "
                                       f"{first.shape} {first.dtype}", tensor=m.name,
                                       fix="layers of one stacked key must share shape and dtype")
-                items[m.name] = _item(fqn, index + (0,) * len(m.shape), (1,) * len(index) + tuple(m.shape),
-                                      lead + tuple(m.shape), m.dtype, WriteItemType.SHARD)
+                items[m.name] = tensor_item(fqn, index + (0,) * len(m.shape), (1,) * len(index) + tuple(m.shape),
+                                            lead + tuple(m.shape), m.dtype)
         order = {m.name: k for k, m in enumerate(metas)}
         return dict(sorted(items.items(), key=lambda kv: order[kv[0]]))     # the engine's writing order
 
-    def _resolve(self, item: WriteItem) -> Any:
-        if item.type == WriteItemType.BYTE_IO:
-            return io.BytesIO(self._byte_payloads.get(item.index.fqn, self._payload))
-        name = self._by_index[(item.index.fqn, tuple(item.index.offset or ()))]
+    def _resolve(self, item: PlanItem) -> Any:
+        if item.is_bytes:
+            return self._byte_payloads.get(item.fqn, self._payload)
+        name = self._by_index[item.key]
         t = self._handoff.take(name)
         if not isinstance(t, torch.Tensor):
             return t          # a row stream: its bytes are the record's (shape from the item's chunk)
@@ -310,12 +286,6 @@ class MegatronDistWriter(StreamingDcpSave):
         (self.iter_dir / METADATA_JSON).write_text(json.dumps(CHECKPOINT_CONFIG))
         write_manifest(self.iter_dir, known=self._storage.digests)
         (self.out_root / LATEST).write_text(str(self.iteration))
-
-
-def _item(fqn: str, offsets, sizes, size, dtype: torch.dtype, kind: WriteItemType) -> WriteItem:
-    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-    return WriteItem(MetadataIndex(fqn, torch.Size(offsets)), kind,
-                     tensor_data=TensorWriteData(chunk, TensorProperties(dtype=dtype), torch.Size(size)))
 
 
 def _dist_args(args: Any) -> Any:
@@ -331,14 +301,14 @@ def _lead_sizes(fqn: str, layout: MegatronLayout) -> tuple[int, ...]:
     return tuple({"layer": layout.num_layers, "expert": layout.num_experts or 0}[a] for a in leading_axes(fqn))
 
 
-def _extra_items(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> list[WriteItem]:
+def _extra_items(metas: list[TensorMeta], layout: MegatronLayout, per_layer: bool = False) -> list[PlanItem]:
     """The `_extra_state` BYTES items of every Transformer Engine module of every layer (both TE
     and local-spec models find theirs): `shard_{layer}_{L}`, per expert `shard_{layer}.{g}_{L}.{E}`."""
     moe = {n.split(".mlp.")[0] for n in (m.name for m in metas) if ".mlp.router." in n}
     names = [to_impl(m.name, "transformer_engine", moe_layer=m.name.split(".mlp.")[0] in moe) for m in metas]
     out = []
     for name in extra_state_keys(names, "transformer_engine", has_output_layer=False):
-        out.append(WriteItem(MetadataIndex(_extra_fqn(name, layout, per_layer)), WriteItemType.BYTE_IO))
+        out.append(PlanItem(_extra_fqn(name, layout, per_layer)))
     return out
 
 
