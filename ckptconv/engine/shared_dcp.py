@@ -2,8 +2,8 @@
 
 The writer plans every item and each worker writes only the items of its share (rank 0 also
 takes the BYTES items: `_extra_state`, common state) into its own ``__<rank>_*.distcp`` files.
-The workers then exchange where their records landed (and whether they failed) over their gloo
-group, and rank 0 writes ``.metadata`` for the whole plan, as torch's collective DCP save does
+When every worker has closed (or aborted) its writer they exchange where their records landed (and
+whether they failed) over their gloo group, and rank 0 writes ``.metadata`` for the whole plan, as torch's collective DCP save does
 (the chunks of every stacked key cover it exactly once by construction: the shares partition
 one plan). Only rank 0 writes what follows the data (``common.pt``, ``metadata.json``,
 ``integrity.json``, the tracker), after every worker's records are written.
@@ -22,7 +22,8 @@ class SharedSave:
     a planned item's tensor."""
 
     def _init_share(self, share: set[str], rank: int, group) -> None:
-        self._share, self._rank, self._group = set(share), rank, group   # read by _save (writer thread)
+        self._share, self._rank, self._group = set(share), rank, group
+        self._stored, self._exchanged = {}, False
 
     def holds(self, name: str) -> bool:
         return name in self._share
@@ -33,35 +34,53 @@ class SharedSave:
         return self._item_name(item) in self._share
 
     def _write_records(self):
-        try:
-            stored, failed = self._storage.write_items([it for it in self._items if self._mine(it)],
-                                                       self._resolve_item, rank=self._rank), None
-        except BaseException as e:  # noqa: BLE001 - every worker joins the exchange below, then raises
-            stored, failed = {}, e
-        everyone: list = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(everyone, (stored, failed is not None), group=self._group)
-        if failed is not None:
-            raise failed
-        if any(f for _, f in everyone):
-            raise SaveAborted("another worker's save failed")
-        return {k: v for s, _ in everyone for k, v in s.items()}
+        return self._storage.write_items([it for it in self._items if self._mine(it)], self._resolve_item,
+                                         rank=self._rank)
 
-    def _finish(self, stored) -> None:
-        if self._rank == 0:
-            super()._finish(stored)
+    def _finish(self, stored) -> None:         # on the save thread: the exchange is close()'s
+        self._stored = stored
+
+    def _exchange(self, failed: bool) -> list:
+        """Every worker's (record locations, failed?), gathered on rank 0 and broadcast back, once
+        per save (whichever of close/abort comes first), on the main thread. The group is dropped
+        afterwards: a process group still referenced when the interpreter shuts down (after
+        destroy_process_group) made the process abort at exit now and then."""
+        self._exchanged = True
+        group, self._group = self._group, None
+        everyone: list | None = [None] * dist.get_world_size(group) if self._rank == 0 else None
+        dist.gather_object(({} if failed else self._stored, failed), everyone, dst=0, group=group)
+        box = [everyone]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
 
     def write(self, name, tensor) -> None:
         if name in self._share:
             super().write(name, tensor)
 
     def close(self) -> None:
-        if self._rank == 0:
-            return super().close()
         self._start()
-        self._handoff.close()
-        self._thread.join()
+        try:
+            self._handoff.close()
+            self._thread.join()
+        except BaseException:
+            self.abort()
+            raise
+        everyone = self._exchange(self._failure is not None)
         if self._failure is not None:
             raise self._failure
+        if any(failed for _, failed in everyone):
+            raise SaveAborted("another worker's save failed")
+        if self._rank == 0:
+            self._storage.write_metadata(self._items, {k: v for stored, _ in everyone for k, v in stored.items()})
+            self._commit()
+
+    def abort(self) -> None:
+        super().abort()
+        if not self._exchanged:
+            try:
+                self._exchange(True)            # the other workers are waiting to hear it
+            except Exception:  # noqa: BLE001 - a peer that is gone already knows
+                pass
 
 
 class SharedDistWriter(SharedSave, MegatronDistWriter):
