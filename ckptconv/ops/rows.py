@@ -17,6 +17,9 @@ import torch
 from . import OpContext, get_op
 
 
+_ROW_BITS = 32      # rows per input < 2**32
+
+
 @dataclass(frozen=True)
 class Run:
     out: int      # first output row
@@ -31,16 +34,15 @@ def row_runs(op: str, in_rows: tuple[int, ...], ctx: OpContext) -> tuple[Run, ..
     impl = get_op(op)
     if not impl.row_wise:
         return None
-    base, idx = 0, []
-    for n in in_rows:
-        idx.append(torch.arange(base + 1, base + n + 1, dtype=torch.int64))
-        base += n
-    codes = impl.forward(idx, ctx) - 1                 # -1: padding row
+    # row r of input k is coded (k << 32) + r + 1, so a code says its input and row at once (no
+    # search over the inputs' bounds); a padding row is a zero row, i.e. code 0
+    idx = [torch.arange(1, n + 1, dtype=torch.int64) + (k << _ROW_BITS) for k, n in enumerate(in_rows)]
+    codes = impl.forward(idx, ctx)
     if codes.numel() == 0:
         return ()
-    bounds = torch.tensor([0, *in_rows], dtype=torch.int64).cumsum(0)
-    src = torch.where(codes >= 0, torch.searchsorted(bounds, codes, right=True) - 1, torch.full_like(codes, -1))
-    at = torch.where(codes >= 0, codes - bounds[src.clamp(min=0)], torch.zeros_like(codes))
+    pad = codes == 0
+    src = torch.where(pad, -1, codes >> _ROW_BITS)
+    at = torch.where(pad, 0, (codes & ((1 << _ROW_BITS) - 1)) - 1)
     # a run breaks where the source changes or the input row does not follow the previous one
     brk = torch.ones_like(codes, dtype=torch.bool)
     brk[1:] = (src[1:] != src[:-1]) | ((src[1:] >= 0) & (at[1:] != at[:-1] + 1))
