@@ -29,7 +29,7 @@ def megatron_share_writer(ckpt_format: str, out: Path, layout, metas, *, share, 
     if ckpt_format == "torch":
         files = megatron_file_shares(layout, metas, gated_mlp, tie_copy, share.world)[share.rank]
         return megatron_writer(ckpt_format, out, layout, metas, files=files, **kwargs)
-    from .shared_dcp import SharedDistWriter        # torch.distributed.checkpoint: only when used
+    from .shared_dcp import SharedDistWriter        # torch.distributed: only when used
     names = tensor_shares(metas, share.world)[share.rank]
     return SharedDistWriter(out, layout, metas, share=names, rank=share.rank, group=share.group, **kwargs)
 
@@ -51,7 +51,7 @@ def hf_share_writer(out: Path, metas, max_shard_size: int, *, share) -> HFWriter
 def dcp_share_writer(out: Path, metas, *, share):
     """The plain DCP writer (hf-to-dcp) for ``share``: its share of the stored keys."""
     if _alone(share):
-        from ..formats.dcp_write import DcpWriter      # imports torch.distributed.checkpoint (~1.5 s)
+        from ..formats.dcp_write import DcpWriter
         return DcpWriter(out, metas)
     from .shared_dcp import SharedDcpWriter
     names = tensor_shares(metas, share.world)[share.rank]

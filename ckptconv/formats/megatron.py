@@ -20,7 +20,7 @@ from ..errors import UnknownFormat
 class LazyRegistry(Mapping):
     """name -> class, each given as "module:attribute" (relative to this package) and imported on
     first lookup: asking which formats exist (``in``, ``sorted``) imports nothing, and the
-    torch_dist classes (which import torch.distributed.checkpoint, ~1.5 s) load only when used."""
+    torch_dist classes load only when used."""
 
     def __init__(self, entries: dict[str, str]):
         self._entries, self._loaded = dict(entries), {}

@@ -6,8 +6,8 @@ are read and written, how many tensors and output pieces there are; ``Rates`` (m
 machine reads, writes, copies, scans and hashes right now; ``PROFILES`` say how many passes of
 each kind the engine makes over the bytes of each command. The forecast is the sum of
 
-    start-up      interpreter + torch import (measured: this process's age at the dry-run) and,
-                  when torch_dist is written, the DCP checkpoint module's import;
+    start-up      interpreter + torch import (measured: this process's age at the dry-run; no
+                  format imports more: DCP metadata is written without torch's DCP package);
     read+copy     bytes read / read rate, and memory copies per written byte (op, TP slicing,
                   serialisation);
     scan+hash     per byte read: NaN/overflow scans and SHA-256 (fingerprint manifest, integrity);
@@ -55,7 +55,6 @@ class Profile:
     hashes_per_byte: float          # SHA-256 passes over the read bytes (fingerprints, source integrity)
     out_hashes_per_byte: float      # SHA-256 passes over the written bytes (torch_dist integrity.json)
     piece_s: float                  # fixed cost per written piece (s)
-    import_ratio: float             # extra import time as a fraction of start-up (torch_dist: DCP)
     overlapped: bool = True         # checks, hashes and writes run on their own threads
 
 
@@ -65,11 +64,11 @@ class Profile:
 # fingerprints on a thread, WriteBehind writes (and hashes torch_dist records for integrity.json)
 # on another, and megatron-to-hf / reshard hash the source for its integrity check on a third.
 PROFILES: dict[tuple[str, str], Profile] = {
-    ("hf_to_megatron", "megatron_torch_dist"): Profile(1.0, 1.0, 1.0, 1.0, 0.001, 0.7),
-    ("hf_to_megatron", "megatron_torch"): Profile(1.0, 1.0, 1.0, 0.0, 0.001, 0.0),
-    ("megatron_to_hf", "hf"): Profile(2.0, 1.0, 2.0, 0.0, 0.001, 0.0),      # + the TP assembly copy
-    ("reshard", "megatron_torch_dist"): Profile(1.0, 0.0, 2.0, 1.0, 0.001, 0.7),
-    ("reshard", "megatron_torch"): Profile(1.0, 0.0, 2.0, 0.0, 0.001, 0.0),
+    ("hf_to_megatron", "megatron_torch_dist"): Profile(1.0, 1.0, 1.0, 1.0, 0.001),
+    ("hf_to_megatron", "megatron_torch"): Profile(1.0, 1.0, 1.0, 0.0, 0.001),
+    ("megatron_to_hf", "hf"): Profile(2.0, 1.0, 2.0, 0.0, 0.001),      # + the TP assembly copy
+    ("reshard", "megatron_torch_dist"): Profile(1.0, 0.0, 2.0, 1.0, 0.001),
+    ("reshard", "megatron_torch"): Profile(1.0, 0.0, 2.0, 0.0, 0.001),
 }
 
 
@@ -129,7 +128,7 @@ def forecast_seconds(work: Work, rates: Rates, profile: Profile | None = None) -
         body = {"stream": slowest + OVERLAP_LOSS * max(0.0, sum(lanes) - max(lanes))}
     else:
         body = {"read+copy": main, "scan+hash": checks, "write": write}
-    parts = {"startup": rates.startup_s * (1.0 + p.import_ratio), **body, "pieces": pieces}
+    parts = {"startup": rates.startup_s, **body, "pieces": pieces}
     return {"seconds": sum(parts.values()), "parts": parts}
 
 
