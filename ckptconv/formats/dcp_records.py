@@ -7,7 +7,8 @@ to a second pass that re-reads every byte. `RecordStorageWriter` writes the item
 order into ``__<rank>_<k>.distcp`` files of up to ``file_bytes`` each, every tensor item as exactly
 what `torch.save(tensor)` writes (`torch_save_stream.write_tensor_record`; no CRC-32, which
 torch.load never checks), every BYTES item as its raw bytes (as torch writes them), and the
-SHA-256 of each file is computed from the bytes as they are written (`digests`: file name ->
+SHA-256 of each file is computed from the bytes as they are written, on a second thread while
+the writing thread writes them (`digests`: file name ->
 hex digest, for `megatron_dist_integrity.write_manifest`). `write_metadata` then writes the
 `.metadata` torch's writer would (`dcp_metadata_write`), without importing torch's DCP package.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -30,6 +32,7 @@ from .torch_save_stream import write_tensor_record
 
 FILE_BYTES = 2 << 30          # start a new data file beyond this
 _PIECE = 8 << 20              # hash and write in pieces this large (hot in cache for the hash)
+_PARALLEL = 1 << 20           # pieces at least this large are hashed on the hasher thread
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -44,10 +47,11 @@ class HashingFile:
     """A write-only file that hashes (SHA-256) every byte written, counts its position, and turns
     torch's zip writer's relative seek over a record's data into a call of the pending ``fill``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor | None = None):
         self.path = Path(path)
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._h = hashlib.sha256()
+        self._hasher = hasher           # hashes a large piece while this thread writes it
         self.pos = 0
         self._fill: Any = None
         self._expect = 0
@@ -61,8 +65,17 @@ class HashingFile:
             try:
                 for at in range(0, len(view), _PIECE):
                     piece = view[at:at + _PIECE]
-                    self._h.update(piece)
-                    self._f.write(piece)
+                    if self._hasher is None or len(piece) < _PARALLEL:
+                        self._h.update(piece)
+                        self._f.write(piece)
+                        continue
+                    # both release the GIL: the piece is hashed and written side by side (in order:
+                    # the next piece waits), and the caller's buffer is free again when we return
+                    hashed = self._hasher.submit(self._h.update, piece)
+                    try:
+                        self._f.write(piece)
+                    finally:
+                        hashed.result()
             except BaseException as e:  # noqa: BLE001 - re-raised by check()
                 self.error = e
         self.pos += len(view)
@@ -127,12 +140,13 @@ class RecordStorageWriter:
         stored: dict[tuple, Stored] = {}
         f: HashingFile | None = None
         count = 0
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="ckptconv-hash")
         try:
             for item in items:
                 if f is None or f.pos >= self.file_bytes:
                     if f is not None:
                         self.digests[f.path.name] = f.close()
-                    f = HashingFile(self.path / f"__{rank}_{count}.distcp")
+                    f = HashingFile(self.path / f"__{rank}_{count}.distcp", hasher)
                     count += 1
                 data = resolve(item)
                 offset = f.pos
@@ -145,6 +159,7 @@ class RecordStorageWriter:
         finally:
             if f is not None:
                 self.digests[f.path.name] = f.close()
+            hasher.shutdown()
         return stored
 
     def write_metadata(self, items: list[PlanItem], stored: dict[tuple, Stored]) -> None:
