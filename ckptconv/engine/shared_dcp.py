@@ -6,7 +6,8 @@ When every worker has closed (or aborted) its writer they exchange where their r
 whether they failed) over their gloo group, and rank 0 writes ``.metadata`` for the whole plan, as torch's collective DCP save does
 (the chunks of every stacked key cover it exactly once by construction: the shares partition
 one plan). Only rank 0 writes what follows the data (``common.pt``, ``metadata.json``,
-``integrity.json``, the tracker), after every worker's records are written.
+``integrity.json``, the tracker), after every worker's records are written; integrity.json takes
+the SHA-256 each worker computed of its files while writing them (no file is read back).
 """
 from __future__ import annotations
 
@@ -41,14 +42,15 @@ class SharedSave:
         self._stored = stored
 
     def _exchange(self, failed: bool) -> list:
-        """Every worker's (record locations, failed?), gathered on rank 0 and broadcast back, once
-        per save (whichever of close/abort comes first), on the main thread. The group is dropped
-        afterwards: a process group still referenced when the interpreter shuts down (after
-        destroy_process_group) made the process abort at exit now and then."""
+        """Every worker's (record locations, file digests, failed?), gathered on rank 0 and
+        broadcast back, once per save (whichever of close/abort comes first), on the main thread.
+        The group is dropped afterwards: a process group still referenced when the interpreter
+        shuts down (after destroy_process_group) made the process abort at exit now and then."""
         self._exchanged = True
         group, self._group = self._group, None
         everyone: list | None = [None] * dist.get_world_size(group) if self._rank == 0 else None
-        dist.gather_object(({} if failed else self._stored, failed), everyone, dst=0, group=group)
+        mine = ({}, {}, True) if failed else (self._stored, self._storage.digests, False)
+        dist.gather_object(mine, everyone, dst=0, group=group)
         box = [everyone]
         dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
@@ -68,10 +70,12 @@ class SharedSave:
         everyone = self._exchange(self._failure is not None)
         if self._failure is not None:
             raise self._failure
-        if any(failed for _, failed in everyone):
+        if any(failed for _, _, failed in everyone):
             raise SaveAborted("another worker's save failed")
         if self._rank == 0:
-            self._storage.write_metadata(self._items, {k: v for stored, _ in everyone for k, v in stored.items()})
+            self._storage.write_metadata(self._items, {k: v for stored, _, _ in everyone for k, v in stored.items()})
+            for _, digests, _ in everyone:      # every worker hashed its files as it wrote them:
+                self._storage.digests.update(digests)   # integrity.json re-reads none of them
             self._commit()
 
     def abort(self) -> None:

@@ -10,6 +10,7 @@ output as one process. The 2x speed-up is measured in bench/bench_workers.py, no
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -103,6 +104,10 @@ def test_two_workers_write_what_one_writes(case, dcp_src, tmp_path):
         out[w] = tmp_path / f"w{w}"
     assert_same_output(kind, out[1], out[2])
     assert (out[2] / "ckptconv-manifest.json").is_file() or kind == "dcp"     # DCP output carries none
+    for manifest in out[2].rglob("integrity.json"):     # digests the workers took while writing
+        files = json.loads(manifest.read_text())["files"]
+        assert {p.name for p in manifest.parent.glob("__1_*.distcp")} <= set(files)
+        assert all(hashlib.sha256((manifest.parent / f).read_bytes()).hexdigest() == d for f, d in files.items())
     res = run("verify", argv[1], out[2], "--no-logits", *(["--hf-config", DS] if "deepspeed" in case else []))
     assert res.exit_code == 0, res.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
