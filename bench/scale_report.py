@@ -83,7 +83,7 @@ def render(results: dict) -> str:
         L.append(f"| `{k}` | {_f(v['wall_s'])} | {_f(v['peak_rss_mib'], '.0f')} |")
     L += ["", "`import ckptconv.cli.main` and `--help` import no torch (tests/unit/test_startup_imports.py); a "
           "conversion pays `import torch`. No conversion imports `torch.distributed.checkpoint` (it pulls in "
-          "DTensor, torch.fx and sympy; its row above is what writing torch_dist through it would add): "
+          "DTensor, torch.fx and sympy; its row above includes `import torch`): "
           "ckptconv reads and writes DCP metadata itself (tests/integration/test_dcp_metadata_write.py); "
           "ckptconv's own modules add about 0.1 s."]
     for c in results["cases"]:
