@@ -8,6 +8,12 @@ torch copies and hashlib release the GIL).
 The first error of a write is raised by the next ``write`` or on leaving the ``with`` block, which
 waits for every queued write, so the caller's writer is only closed or aborted once nothing is
 writing into its files any more.
+
+Both wrappers read ahead for a writer that reads row streams from their first row
+(``primes_row_streams``): ``write`` primes the stream (``RowStream.prime``: its first block is
+read, checked and fingerprinted on the engine's thread) before handing it over, while the writer's
+thread is still busy with the previous tensor. Most tensors are one block, so without this the
+writer's thread would read, hash and write each of them in turn.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ class WriteBehind:
         self._pending: deque[Future] = deque()
 
     def write(self, name: str, tensor) -> None:
+        ahead(self.writer, tensor)
         self._pending.append(self._pool.submit(self.writer.write, name, tensor))
         while len(self._pending) > self.depth:
             self._pending.popleft().result()
@@ -52,13 +59,23 @@ class _Direct:
     """The writer itself, for writers that already write on their own thread."""
 
     def __init__(self, writer):
-        self.write = writer.write
+        self.writer = writer
+
+    def write(self, name: str, tensor) -> None:
+        ahead(self.writer, tensor)
+        self.writer.write(name, tensor)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def ahead(writer, tensor) -> None:
+    """Read a row stream's first block now when ``writer`` will read the stream from its start."""
+    if getattr(writer, "primes_row_streams", False) and hasattr(tensor, "prime"):
+        tensor.prime()
 
 
 def behind(writer, depth: int = 1):

@@ -194,6 +194,7 @@ class RowStream:
         self._row_bytes = meta.dtype.itemsize * math.prod(self._rest)
         self._src_dtype = inputs[0].meta.dtype if inputs else meta.dtype
         self._whole: dict[int, torch.Tensor] = {}
+        self._primed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     # -- what writers call -------------------------------------------------------------------
     def blocks(self, start: int = 0, stop: int | None = None,
@@ -204,13 +205,37 @@ class RowStream:
         if not self.shape:
             yield self.tensor()
             return
+        spans = self._spans(start, stop)
+        primed, self._primed = self._primed, None
+        if primed is not None and (cols is not None or not spans or spans[0] != primed[0]):
+            self.budget.give(primed[1])     # read for another call: the rows are read again
+            primed = None
+        rest = _Prefetch(spans[1:] if primed else spans, lambda span: self._block(*span, cols), self.budget)
+        try:
+            if primed is not None:
+                try:
+                    yield primed[1]
+                finally:
+                    self.budget.give(primed[1])
+            yield from rest
+        finally:
+            rest.close()
+            self._whole.clear()            # whole inputs of sources that cannot slice: not kept
+
+    def prime(self) -> None:
+        """Read the first block of ``blocks()`` now, on the caller's thread: the engine reads (and
+        checks and fingerprints) the next tensor's first rows while the writer's thread is still
+        writing the previous tensor. A later ``blocks()`` call that starts elsewhere, or narrows
+        columns, returns the block to the pool and reads its own."""
+        if self._primed is None and self.shape and self.shape[0] \
+                and self.budget.limit >= _SLOTS * self.budget.block_bytes:    # room for both tensors' blocks
+            span = self._spans(0, self.shape[0])[0]
+            self._primed = (span, self._block(*span, None))
+
+    def _spans(self, start: int, stop: int) -> list[tuple[int, int]]:
         src_row = self._src_dtype.itemsize * math.prod(self._rest)
         per = max(1, self.budget.block_bytes // max(self._row_bytes, src_row, 1))
-        spans = [(a, min(a + per, stop)) for a in range(start, stop, per)]
-        try:
-            yield from _prefetched(spans, lambda span: self._block(*span, cols), self.budget)
-        finally:
-            self._whole.clear()            # whole inputs of sources that cannot slice: not kept
+        return [(a, min(a + per, stop)) for a in range(start, stop, per)]
 
     def tensor(self) -> torch.Tensor:
         """The whole tensor, for writers that cannot take blocks (noted by the budget)."""
@@ -328,56 +353,61 @@ class RowStream:
         return torch.cat(parts) if parts else torch.empty(0)
 
 
-def _prefetched(spans: list, make: Callable, budget: Budget) -> Iterator[torch.Tensor]:
-    """``make(span)`` for each span on a reading thread, one block ahead of the consumer; each
-    block goes back to the pool when the consumer asks for the next one (or stops)."""
-    if len(spans) <= 1:
-        for span in spans:
-            block = make(span)
-            try:
-                yield block
-            finally:
-                budget.give(block)
-        return
-    q: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
+class _Prefetch:
+    """``make(span)`` for each span on a reading thread (started at once), one block ahead of the
+    consumer; each block goes back to the pool when the consumer asks for the next one, and
+    ``close`` (also when nothing was consumed) stops the thread and returns what it holds."""
 
-    def produce() -> None:
+    def __init__(self, spans: list, make: Callable, budget: Budget):
+        self.spans, self.make, self.budget = spans, make, budget
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._th = None
+        if len(spans) > 1:
+            self._th = threading.Thread(target=self._produce, name="ckptconv-read", daemon=True)
+            self._th.start()
+
+    def _produce(self) -> None:
         try:
-            for span in spans:
-                if stop.is_set():
+            for span in self.spans:
+                if self._stop.is_set():
                     return
-                block = make(span)
-                while not stop.is_set():
+                block = self.make(span)
+                while not self._stop.is_set():
                     try:
-                        q.put((block, None), timeout=0.1)
+                        self._q.put((block, None), timeout=0.1)
                         break
                     except queue.Full:
                         continue
                 else:
-                    budget.give(block)
+                    self.budget.give(block)
                     return
         except BaseException as e:  # noqa: BLE001 - raised in the consumer
-            q.put((None, e))
+            self._q.put((None, e))
 
-    th = threading.Thread(target=produce, name="ckptconv-read", daemon=True)
-    th.start()
-    try:
-        for _ in spans:
-            block, err = q.get()
-            if err is not None:
-                raise err
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for span in self.spans:
+            if self._th is None:
+                block = self.make(span)
+            else:
+                block, err = self._q.get()
+                if err is not None:
+                    raise err
             try:
                 yield block
             finally:
-                budget.give(block)
-    finally:
-        stop.set()
-        while th.is_alive() or not q.empty():
+                self.budget.give(block)
+
+    def close(self) -> None:
+        if self._th is None:
+            return
+        self._stop.set()
+        while self._th.is_alive() or not self._q.empty():
             try:
-                block, _ = q.get(timeout=0.05)
+                block, _ = self._q.get(timeout=0.05)
                 if block is not None:
-                    budget.give(block)
+                    self.budget.give(block)
             except queue.Empty:
                 continue
-        th.join()
+        self._th.join()
+        self._th = None

@@ -30,6 +30,7 @@ class HFWriter(CommitsOnExit):
 
     INDEX_NAME = "model.safetensors.index.json"
     takes_row_streams = True
+    primes_row_streams = True       # a row stream is read with blocks() from its first row
 
     def __init__(self, out_dir: Path, metas: list[TensorMeta], max_shard_size: int = 5 * 10**9, *,
                  files: set[str] | None = None, index: bool = True):

@@ -131,6 +131,7 @@ class StreamingDcpSave(CommitsOnExit):
 
     writes_in_background = True      # write() hands over to the save thread: no write-behind needed
     takes_row_streams = True         # write() takes a row stream too (engine.rows.RowStream)
+    primes_row_streams = True        # ... read with blocks() from its first row (dcp_records)
 
     def _init_save(self, items: list[PlanItem], resolve, out_dir: Path) -> None:
         self._written: set[str] = set()
