@@ -21,6 +21,7 @@ import hashlib
 import math
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -51,6 +52,8 @@ class Budget:
         # one read at a time: the streams' reading threads and the engine's own whole-tensor reads
         # share the source readers, which are not thread-safe
         self.io_lock = threading.RLock()
+        self._hasher: ThreadPoolExecutor | None = None
+        self._hashing: dict[int, Future] = {}       # pool buffer -> the last hash reading it
 
     def take(self, nbytes: int, what: str = "") -> torch.Tensor:
         """A uint8 buffer of ``nbytes``: a pooled block when it fits one, else its own allocation
@@ -73,14 +76,33 @@ class Budget:
             return self._new(nbytes)
 
     def give(self, buf: torch.Tensor) -> None:
-        """Return a buffer from ``take`` (or any view of it) to the pool."""
+        """Return a buffer from ``take`` (or any view of it) to the pool, once the hashes reading
+        it are done."""
+        key = buf.untyped_storage().data_ptr()
         with self._cv:
-            root = self._out.pop(buf.untyped_storage().data_ptr())
+            hashing = self._hashing.pop(key, None)
+        if hashing is not None:
+            hashing.result()
+        with self._cv:
+            root = self._out.pop(key)
             if root.numel() == self.block_bytes:
                 self._free.append(root)
             else:
                 self.held -= root.numel()
             self._cv.notify_all()
+
+    def hash_into(self, h, piece: torch.Tensor) -> Future:
+        """``h.update`` with the bytes of ``piece`` (contiguous) on the budget's hashing thread, in
+        the order asked: the reading thread goes on reading while the fingerprint is computed, and
+        a pool buffer is not handed out again before the hashes reading it are done (``give``)."""
+        with self._cv:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptconv-fingerprint")
+            done = self._hasher.submit(h.update, memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+            key = piece.untyped_storage().data_ptr()
+            if key in self._out:
+                self._hashing[key] = done      # one thread, in order: the last one done, all are
+        return done
 
     def _new(self, nbytes: int) -> torch.Tensor:
         root = torch.empty(max(nbytes, 1), dtype=torch.uint8)
@@ -132,14 +154,15 @@ class Target:
     _h: object = field(default_factory=hashlib.sha256)
     _lo: torch.Tensor | None = None
     _hi: torch.Tensor | None = None
+    _hashed: Future | None = None       # the last piece's hash (``Budget.hash_into``)
 
     @property
     def done(self) -> bool:
         return self._seg >= len(self.segments)
 
-    def feed(self, k: int, at: int, rows: torch.Tensor) -> bool:
-        """Input ``k``'s rows ``[at, at + len(rows))`` were just read: take what is next for us.
-        True when this completed the target."""
+    def feed(self, k: int, at: int, rows: torch.Tensor, budget: Budget | None = None) -> bool:
+        """Input ``k``'s rows ``[at, at + len(rows))`` were just read: take what is next for us
+        (hashed on ``budget``'s hashing thread when given). True when this completed the target."""
         n = rows.shape[0] if rows.dim() else 1
         if self.done:
             return False
@@ -149,19 +172,22 @@ class Target:
             if src != k or not at <= want < at + n:
                 return
             take = min(first + count, at + n) - want
-            self._take(rows[want - at:want - at + take] if rows.dim() else rows)
+            self._take(rows[want - at:want - at + take] if rows.dim() else rows, budget)
             self._off += take
             if self._off == count:
                 self._seg, self._off = self._seg + 1, 0
         return self.done
 
-    def _take(self, piece: torch.Tensor) -> None:
+    def _take(self, piece: torch.Tensor, budget: Budget | None) -> None:
         if self.check and piece.numel():
             a, b = torch.aminmax(piece)
             self._lo, self._hi = (a, b) if self._lo is None else (torch.minimum(self._lo, a), torch.maximum(self._hi, b))
         if self.fingerprint and piece.numel():
-            out = piece if self.cast in (None, piece.dtype) else piece.to(self.cast)
-            self._h.update(memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            out = (piece if self.cast in (None, piece.dtype) else piece.to(self.cast)).contiguous()
+            if budget is None:
+                self._h.update(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            else:
+                self._hashed = budget.hash_into(self._h, out)
 
     def judge(self, load: Callable[[], torch.Tensor], path: object) -> None:
         """Raise for NaN/Inf or an overflowing cast (``load`` gives the tensor for the message)."""
@@ -175,6 +201,8 @@ class Target:
         return bool(torch.isfinite(torch.stack([self._lo, self._hi]).to(self.cast)).all())
 
     def digest(self) -> str:
+        if self._hashed is not None:
+            self._hashed.result()
         return self._h.hexdigest()
 
 
@@ -269,7 +297,7 @@ class RowStream:
                 e = min(a + n, lo + max(1, self.budget.block_bytes // max(self._in_row_bytes(k), 1)))
                 buf = self._read_input(k, lo, e)
                 try:
-                    t.feed(k, lo, buf)
+                    t.feed(k, lo, buf, self.budget)
                 finally:
                     self.budget.give(buf)
             self._complete(t)
@@ -307,7 +335,7 @@ class RowStream:
 
     def _feed(self, k: int, at: int, rows: torch.Tensor) -> None:
         for t in self.targets:
-            if not t.done and t.feed(k, at, rows):
+            if not t.done and t.feed(k, at, rows, self.budget):
                 self._complete(t)
 
     def _complete(self, t: Target) -> None:

@@ -47,7 +47,7 @@ def reporter(fingerprints):
     """``on_target`` that records a finished target's fingerprint in a ManifestBuilder."""
     def report(t: Target) -> None:
         if t.fingerprint and fingerprints is not None:
-            fingerprints.add_digest(t.name, t.shape, t.cast, t.digest())
+            fingerprints.add_digest(t.name, t.shape, t.cast, t.digest)    # read when the manifest is
     return report
 
 

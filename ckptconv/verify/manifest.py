@@ -16,6 +16,7 @@ import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -125,9 +126,11 @@ class ManifestBuilder:
         """Whether ``name`` is a logical parameter (only those get an entry)."""
         return name in self._names
 
-    def add_digest(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, digest: str) -> None:
+    def add_digest(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   digest: str | Callable[[], str]) -> None:
         """Record a fingerprint hashed elsewhere (``engine.checks.StreamChecks``: fused with the
-        finite check); ``digest`` is the SHA-256 of the contiguous little-endian bytes."""
+        finite check); ``digest`` is the SHA-256 of the contiguous little-endian bytes, or what
+        gives it once its hashing thread is done (called by ``manifest``)."""
         if name in self._names:
             self._tensors[name] = {"shape": list(shape), "dtype": dtype_name(dtype), "sha256": digest}
 
@@ -152,6 +155,9 @@ class ManifestBuilder:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        for e in self._tensors.values():
+            if callable(e["sha256"]):
+                e["sha256"] = e["sha256"]()
         return Manifest(dict(self._model), dict(sorted(self._tensors.items())))
 
     def write(self, directory: Path) -> Path:
