@@ -12,8 +12,12 @@ each kind the engine makes over the bytes of each command. The forecast is the s
                   serialisation);
     scan+hash     per byte read: NaN/overflow scans and SHA-256 (fingerprint manifest, integrity);
     write         bytes written / page-cache write rate up to the dirty-page allowance, the rest
-                  at the disk's sustained rate (the kernel throttles writers past it), and the
-                  SHA-256 of what is written where the format records it (torch_dist);
+                  at the slower of that rate and the disk's own (past the allowance the kernel
+                  throttles writers to its flushing, which runs while they write), and the
+                  SHA-256 of what is written where the format records it (torch_dist). The
+                  page-cache rate is the calibration's, but at most ``copy_Bps /
+                  CACHE_WRITE_PASSES``: a 32 MB sample lands in free pages, a conversion's
+                  gigabytes make the kernel reclaim a cached page for every page written;
     per piece     a fixed cost per written piece (a tensor slice of one rank; a torch_dist file).
 
 An engine that runs the three middle lanes on their own threads (``Profile.overlapped``) is
@@ -35,7 +39,7 @@ class Rates:
     """What this machine does per second (bytes/s), and its fixed costs (s)."""
     read_Bps: float                 # reading the source (as cached as it is now)
     write_Bps: float                # writing into the output filesystem's page cache
-    disk_write_Bps: float           # sustained write once the dirty-page allowance is used up
+    disk_write_Bps: float           # the calibration sample written and fsynced (write + flush)
     dirty_allowance_bytes: int      # dirty bytes the kernel accepts before throttling writers
     copy_Bps: float                 # one memory pass: a torch copy of a tensor
     scan_Bps: float                 # torch.aminmax (NaN / Inf / overflow check)
@@ -59,10 +63,11 @@ class Profile:
 
 
 # (command, output format) -> profile, read off the engine (engine/convert.py, reshard_workers.py,
-# checks.py, overlap.py): the main thread reads and transforms (fused QKV / gate-up and vocab
-# padding: one copy; TP slices of row-split tensors: one copy), StreamChecks scans and hashes the
-# fingerprints on a thread, WriteBehind writes (and hashes torch_dist records for integrity.json)
-# on another, and megatron-to-hf / reshard hash the source for its integrity check on a third.
+# rows.py, overlap.py): the engine's thread and a stream's reading thread read, transform (fused
+# QKV / gate-up and vocab padding: one copy; TP slices of row-split tensors: one copy) and scan,
+# the budget's hashing thread hashes the fingerprints, the writer's thread writes (torch_dist:
+# with the records' SHA-256 for integrity.json on a hasher thread beside it), and megatron-to-hf /
+# reshard hash the source for its integrity check on another thread.
 PROFILES: dict[tuple[str, str], Profile] = {
     ("hf_to_megatron", "megatron_torch_dist"): Profile(1.0, 1.0, 1.0, 1.0, 0.001),
     ("hf_to_megatron", "megatron_torch"): Profile(1.0, 1.0, 1.0, 0.0, 0.001),
@@ -76,6 +81,12 @@ PROFILES: dict[tuple[str, str], Profile] = {
 # deep, tensors differ in size and Python holds the GIL between the threads' C calls. Fitted on
 # bench/bench_scale.py's 1 GB and 7B runs (docs/benchmarks.md).
 OVERLAP_LOSS = 0.3
+
+# Memory passes a page written into the page cache costs once free memory is used up: the copy in,
+# reclaiming a cached page for it and, with large folios, compaction. Fitted on bench/bench_scale.py's
+# runs at 3720924 and checked on those at 5fcd1c0 (docs/benchmarks.md): there the 32 MB calibration
+# sample ran at 0.35-5 GB/s while the 1 GB conversions spent 1.0-2.6 s per GB in the kernel.
+CACHE_WRITE_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,22 @@ def _passes(p: Profile) -> float:
     return p.copies_per_byte + p.scans_per_byte + p.hashes_per_byte + p.out_hashes_per_byte
 
 
+def cache_write_Bps(rates: Rates) -> float:
+    """The page-cache write rate a conversion sustains (module doc: ``CACHE_WRITE_PASSES``)."""
+    return min(rates.write_Bps, rates.copy_Bps / CACHE_WRITE_PASSES)
+
+
+def flush_Bps(rates: Rates) -> float:
+    """The disk's own rate: the calibration sample's fsync alone (``disk_write_Bps`` is its write
+    and fsync together)."""
+    flush_s_per_byte = 1 / rates.disk_write_Bps - 1 / rates.write_Bps
+    return 1 / flush_s_per_byte if flush_s_per_byte > 0 else float("inf")
+
+
 def write_seconds(nbytes: int, rates: Rates) -> float:
     cached = min(nbytes, rates.dirty_allowance_bytes)
-    return cached / rates.write_Bps + (nbytes - cached) / rates.disk_write_Bps
+    into_cache = cache_write_Bps(rates)
+    return cached / into_cache + (nbytes - cached) / min(into_cache, flush_Bps(rates))
 
 
 def forecast_seconds(work: Work, rates: Rates, profile: Profile | None = None) -> dict:
@@ -121,7 +145,7 @@ def forecast_seconds(work: Work, rates: Rates, profile: Profile | None = None) -
     write = write_seconds(work.bytes_written, rates) + out_hash
     pieces = work.pieces_written * p.piece_s / share
     if p.overlapped:
-        cached = min(work.bytes_written, rates.dirty_allowance_bytes) / rates.write_Bps
+        cached = min(work.bytes_written, rates.dirty_allowance_bytes) / cache_write_Bps(rates)
         cpu = ((main + checks + out_hash) * share + cached) / rates.cores
         lanes = (main, checks, write)
         slowest = max(*lanes, cpu)
