@@ -164,7 +164,7 @@ def source_to_hf(source, dst: str | Path, *, dtype: torch.dtype | None = None, m
     checks = StreamChecks(fingerprints, path=source.path, allow_nonfinite=allow_nonfinite)
     budget, streams, src_metas = Budget(memory_budget), [], source.tensors()
     stored = getattr(source, "stored_meta", None)      # the dtype it reads, before a --dtype cast
-    background_integrity_check(source)
+    background_integrity_check(source, share)
     with output_dir(Path(dst), sources=[Path(source.path)], overwrite=overwrite, share=share) as tmp, \
             checks_closed(checks):
         with hf_share_writer(tmp, metas, parse_size(max_shard_size), share=share) as writer:

@@ -84,11 +84,13 @@ def behind(writer, depth: int = 1):
     return _Direct(writer) if getattr(writer, "writes_in_background", False) else WriteBehind(writer, depth)
 
 
-def background_integrity_check(source) -> None:
-    """Start a source's integrity check (a torch_dist integrity.json) on a thread, when it has one."""
+def background_integrity_check(source, share=None) -> None:
+    """Start a source's integrity check (a torch_dist integrity.json) on a thread, when it has one;
+    a worker (``share``: an engine.workers.Share) checks its share of the files: the output is
+    committed only when every worker succeeded, so every file is still checked once."""
     start = getattr(source, "check_integrity_in_background", None)
     if start is not None:
-        start()
+        start(None if share is None or share.world <= 1 else (share.rank, share.world))
 
 
 def finish_integrity_check(source) -> None:

@@ -42,7 +42,7 @@ def write_share(reader, plan, out: Path, ckpt_format: str, *, share=None, show_p
                                    extra_state=carried_extra_state(reader, plan, ckpt_format)[0])
     wanted = [m for m in plan.metas if share is None or writer.holds(m.name)]
     fingerprints = ShareFingerprints(reader, plan.padded_vocab[0])
-    background_integrity_check(reader)
+    background_integrity_check(reader, share)
     budget, streams, src = budget or Budget(DEFAULT_BUDGET), [], reader.tensors()
     streaming = getattr(writer, "takes_row_streams", False)
     with writer:

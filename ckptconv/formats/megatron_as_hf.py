@@ -90,11 +90,11 @@ class MegatronAsHF(ClosesOnExit):
                 dst.copy_(self.reader.read_slice(item.megatron.name, 0, first, first + hi - lo))
         return out
 
-    def check_integrity_in_background(self) -> None:
+    def check_integrity_in_background(self, part: tuple[int, int] | None = None) -> None:
         """The reader's integrity check on a thread, when its format has one (torch_dist)."""
         start = getattr(self.reader, "check_integrity_in_background", None)
         if start is not None:
-            start()
+            start(part)
 
     def verify_integrity(self) -> None:
         done = getattr(self.reader, "verify_integrity", None)

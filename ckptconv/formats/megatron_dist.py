@@ -36,7 +36,7 @@ from ..types import TensorMeta
 from .dcp_slices import DcpStore
 from .megatron_args import layout_from_args
 from .megatron_dist_detect import METADATA_JSON, dist_backend  # noqa: F401 (METADATA_JSON re-exported)
-from .megatron_dist_integrity import check_manifest, read_manifest
+from .megatron_dist_integrity import check_manifest, read_manifest, share_of_files
 from .megatron_dist_layout import BACKEND, COMMON_FILE, COMMON_GROUP, COMMON_ITEM, INTEGRITY_FILE, layout_of
 from .megatron_names import to_canonical
 from .megatron_torch import check_expert_set, resolve_iteration_dir
@@ -180,13 +180,16 @@ class MegatronDistReader(ClosesOnExit):
             check_manifest(self.iter_dir, self.integrity)
             self._unverified = False
 
-    def check_integrity_in_background(self) -> None:
+    def check_integrity_in_background(self, part: tuple[int, int] | None = None) -> None:
         """Start the integrity check on a thread, so reads need not wait for a whole extra pass
         over the files; a caller that writes output from the reads must call ``verify_integrity()``
-        before it commits that output (a changed file then fails the conversion, nothing is kept)."""
+        before it commits that output (a changed file then fails the conversion, nothing is kept).
+        ``part=(rank, world)``: one of ``world`` workers whose output is committed only if all of
+        them succeed: this one checks its share of the files (``share_of_files``)."""
         if self._unverified and self._background is None:
+            files = self.integrity if part is None else share_of_files(self.iter_dir, self.integrity, *part)
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptconv-integrity")
-            self._background = pool.submit(check_manifest, self.iter_dir, self.integrity)
+            self._background = pool.submit(check_manifest, self.iter_dir, files)
             pool.shutdown(wait=False)
 
     def _before_read(self) -> None:

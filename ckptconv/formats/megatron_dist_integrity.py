@@ -54,6 +54,25 @@ def read_manifest(iter_dir: Path) -> dict[str, str] | None:
     return dict(files)
 
 
+def share_of_files(iter_dir: Path, files: dict[str, str], rank: int, world: int) -> dict[str, str]:
+    """The files worker ``rank`` of ``world`` checks: each file once over all workers, the largest
+    first to the least loaded (sizes from the directory; a missing file counts 0 bytes and is
+    reported by whoever gets it). The same for every worker, so together they check every file."""
+    def size(name: str) -> int:
+        try:
+            return (Path(iter_dir) / name).stat().st_size
+        except OSError:
+            return 0
+
+    load, mine = [0] * world, {}
+    for name in sorted(files, key=lambda n: (-size(n), n)):
+        k = min(range(world), key=lambda i: (load[i], i))
+        load[k] += size(name)
+        if k == rank:
+            mine[name] = files[name]
+    return mine
+
+
 def check_manifest(iter_dir: Path, files: dict[str, str]) -> None:
     """Re-hash every listed file; CorruptCheckpoint naming the first that is missing or differs."""
     iter_dir = Path(iter_dir)

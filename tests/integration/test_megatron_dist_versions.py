@@ -171,3 +171,38 @@ def test_019_reads_without_importing_dcp_or_megatron():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(FIXTURES.parent)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_workers_split_the_integrity_check_and_still_check_every_file(integrity_copy, tmp_path):
+    """Each of 2 workers hashes its share of the listed files (together: each file once), and a
+    changed file fails the 2-worker conversion whichever worker's share it is in."""
+    from ckptconv.formats.megatron_dist_integrity import share_of_files
+
+    root, it = integrity_copy
+    listed = json.loads((it / "integrity.json").read_text())["files"]
+    shares = [share_of_files(it, listed, r, 2) for r in range(2)]
+    assert sorted(n for s in shares for n in s) == sorted(listed) and all(shares)
+    sizes = [sum((it / n).stat().st_size for n in s) for s in shares]
+    assert max(sizes) - min(sizes) <= max((it / n).stat().st_size for n in listed)   # balanced by bytes
+    assert run("megatron-to-hf", root, tmp_path / "ok", "--workers", 2, "--max-shard-size", "300KB").exit_code == 0
+    assert len(list((tmp_path / "ok").glob("*.safetensors"))) >= 2          # so 2 workers did run
+    for k, name in enumerate(sorted(n for n in listed if n.endswith(".distcp"))):
+        copy = tmp_path / f"ck{k}"
+        shutil.copytree(root, copy)
+        data = copy / it.name / name
+        raw = bytearray(data.read_bytes())
+        raw[-100] ^= 0x01
+        data.write_bytes(bytes(raw))
+        # the reader checks exactly its share: the changed file fails the one worker holding it
+        failed = []
+        for r in range(2):
+            with MegatronDistReader(copy) as reader:
+                reader.check_integrity_in_background((r, 2))
+                try:
+                    reader.verify_integrity()
+                except Exception as e:  # noqa: BLE001 - the type is checked below
+                    failed.append((r, type(e).__name__))
+        assert failed == [(next(r for r in range(2) if name in shares[r]), "CorruptCheckpoint")], name
+        exit_2(run("megatron-to-hf", copy, tmp_path / f"hf{k}", "--workers", 2, "--max-shard-size", "300KB"),
+               name, "integrity.json")
+        assert not (tmp_path / f"hf{k}").exists()
