@@ -34,7 +34,7 @@ from .packed_experts import has_packed_experts, with_hub_experts
 from .manifest_parts import write_fingerprints
 from .overlap import background_integrity_check, behind, finish_integrity_check
 from .progress import progress
-from .rows import DEFAULT_BUDGET, Budget
+from .budget import DEFAULT_BUDGET, Budget
 from .streams import hf_stream, hf_streams, item_streams, megatron_item_stream
 from .share_writers import hf_files, hf_share_writer, megatron_share_writer
 from .workers import Share, WorkerJob, fan_out, output_dir, plan_workers, worker_command

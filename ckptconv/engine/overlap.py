@@ -90,7 +90,7 @@ def background_integrity_check(source, share=None) -> None:
     committed only when every worker succeeded, so every file is still checked once."""
     start = getattr(source, "check_integrity_in_background", None)
     if start is not None:
-        start(None if share is None or share.world <= 1 else (share.rank, share.world))
+        start(None if share is None else (share.rank, share.world))
 
 
 def finish_integrity_check(source) -> None:

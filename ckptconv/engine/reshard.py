@@ -30,7 +30,7 @@ from .reshard_extra import carried_extra_state
 from .reshard_manifest import ShareFingerprints
 from .reshard_plan import ReshardPlan, plan_reshard
 from .reshard_workers import shares, write_share
-from .rows import DEFAULT_BUDGET, Budget
+from .budget import DEFAULT_BUDGET, Budget
 from .workers import Share, WorkerJob, check_workers, fan_out, output_dir, plan_workers
 
 

@@ -17,7 +17,7 @@ from ..formats.megatron_as_hf import HF_ASSETS_DIR
 from ..plan.shares import megatron_file_shares, tensor_shares
 from .memory import release_freed_memory
 from .overlap import background_integrity_check, behind, finish_integrity_check
-from .rows import DEFAULT_BUDGET, Budget
+from .budget import DEFAULT_BUDGET, Budget
 from .streams import reshard_stream
 from .progress import progress
 from .reshard_extra import carried_extra_state

@@ -17,7 +17,8 @@ from __future__ import annotations
 from ..ops import get_op
 from ..ops.rows import Run, identity_runs, row_runs
 from ..types import TensorMeta
-from .rows import Budget, RowStream, Source, Target
+from .budget import Budget
+from .rows import RowStream, Source, Target
 
 
 def reads_rows(source) -> bool:

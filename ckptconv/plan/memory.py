@@ -1,7 +1,7 @@
 """The dry-run's memory forecast: what the engine buffers for tensor data.
 
 A tensor the engine streams (its op is row-wise and its source reads rows) passes through the row
-blocks of the engine's byte budget (``engine.rows.Budget``): never more than the budget, and for
+blocks of the engine's byte budget (``engine.budget.Budget``): never more than the budget, and for
 small tensors no more than a few of them in flight. A tensor it must hold whole (an op that is not
 row-wise, such as GPT-2's transposed Conv1D weights, or a source that reads only whole tensors)
 costs its sources, the transformed tensor, a rank slice and allocator slack: ``WHOLE_FACTOR`` times

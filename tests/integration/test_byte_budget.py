@@ -11,7 +11,7 @@ import torch
 
 from ckptconv import hf_to_megatron, megatron_to_hf
 from ckptconv.engine.reshard import reshard
-from ckptconv.engine.rows import Budget
+from ckptconv.engine.budget import Budget
 from helpers import assert_same_hf, assert_same_rank_models, hf_tensors
 
 BUDGET = 32 << 10         # 32 KiB: 8 blocks of 4 KiB

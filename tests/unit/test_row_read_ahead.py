@@ -7,7 +7,8 @@ import time
 import torch
 
 from ckptconv.engine.overlap import WriteBehind, _Direct
-from ckptconv.engine.rows import Budget, RowStream, Source, Target
+from ckptconv.engine.budget import Budget
+from ckptconv.engine.rows import RowStream, Source, Target
 from ckptconv.ops.rows import Run
 from ckptconv.types import TensorMeta
 
